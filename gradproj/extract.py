@@ -1,0 +1,549 @@
+"""The extraction command: dataset -> gradients -> (projections) -> shards and manifests.
+
+One pass computes each example's gradient once and writes every requested output (the full
+gradient and/or several projection dims), each into its own run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gradproj import __version__, data, models, store
+from gradproj.errors import UserError
+from gradproj.gradients import embedding_gradients
+from gradproj.projection import PROJ_TYPES, Projector
+
+MODES = ("store", "store_mean")
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Options that decide the bytes of a run: a rerun into the same directory must agree on them.
+IDENTITY = (
+    "model", "dataset", "dataset_split", "checkpoint_nr", "paradigm", "mode", "max_seq_length",
+    "limit", "gradients_per_file", "proj_seed", "dtype", "save_dtype", "target",
+)  # fmt: skip
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    checkpoint_nr: int = 0
+    dataset_split: str = "train"
+    paradigm: str = "sft"
+    mode: str = "store"
+    random_projection: bool = False
+    proj_dim: list = field(default_factory=lambda: [16384])
+    proj_type: str = "rademacher"
+    proj_seed: int = 42
+    proj_memory_gb: float | None = None
+    gradients_per_file: int = 1000
+    gradients_output_path: str = "./gradients"
+    skip_if_gradient_folder_exists: bool = False
+    max_seq_length: int = 4096
+    dtype: str = "auto"
+    save_dtype: str = "fp32"
+    device: str | None = None
+    batch_tokens: int | None = None
+    limit: int | None = None
+    start: int | None = None
+    end: int | None = None
+    target: str = "embeddings"
+
+    def __post_init__(self):
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_tokens = self.batch_tokens or 8192
+        self.proj_dim = parse_dims(self.proj_dim) if self.random_projection else ["full"]
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.paradigm in data.PARADIGMS, f"unknown paradigm {self.paradigm!r}"),
+            (self.mode in MODES, f"unknown mode {self.mode!r}; use store or store_mean"),
+            (self.proj_type in PROJ_TYPES, f"unknown proj_type {self.proj_type!r}"),
+            (self.max_seq_length >= 2, "--max_seq_length must be at least 2"),
+            (self.gradients_per_file >= 1, "--gradients_per_file must be at least 1"),
+            (self.batch_tokens >= 1, "--batch_tokens must be at least 1"),
+            (self.limit is None or self.limit >= 0, "--limit must be >= 0"),
+            (self.checkpoint_nr >= 0, "checkpoint_nr must be >= 0"),
+            (self.save_dtype in SAVE_DTYPES, "--save_dtype must be fp32 or bf16"),
+            (self.dtype in ("auto", *models.DTYPES), "--dtype must be auto, fp32, bf16 or fp16"),
+            (self.target == "embeddings", f"unknown --target {self.target!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if not self.device.startswith(("cpu", "cuda")):
+            raise UserError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA device is visible")
+
+    def identity(self) -> dict:
+        return {key: getattr(self, key) for key in IDENTITY}
+
+
+def parse_dims(spec) -> list:
+    """'8192,16384' or [8192] -> [8192, 16384]; 'full' may stand among them."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    dims = []
+    for item in items:
+        item = str(item).strip()
+        if item == "full":
+            dims.append("full")
+            continue
+        if not re.fullmatch(r"\d+(x\d+)?", item) or int(item.split("x")[0]) < 1:
+            raise UserError(f"--proj_dim {item!r}: each dim must be an integer >= 1 (or 'full')")
+        dims.append(item if "x" in item else int(item))
+    if not dims:
+        raise UserError("--proj_dim is empty")
+    return list(dict.fromkeys(dims))
+
+
+def path_component(name: str) -> str:
+    """A hub id keeps its owner/name nesting, as the original layout; a local path its name."""
+    if name.startswith(models.BUNDLED_PREFIX):
+        return name.removeprefix(models.BUNDLED_PREFIX)
+    path = Path(name)
+    if path.exists():
+        return path.stem if path.is_file() else path.resolve().name
+    return name
+
+
+def run_dir(cfg: ExtractConfig, output: str | int) -> Path:
+    variant = "full" if output == "full" else f"{cfg.proj_type}_{output}"
+    if cfg.mode == "store_mean":
+        variant += "_mean"
+    split = re.sub(r"[^\w.-]+", "_", cfg.dataset_split).strip("_")
+    return (
+        Path(cfg.gradients_output_path)
+        / variant
+        / path_component(cfg.model)
+        / path_component(cfg.dataset)
+        / split
+        / str(cfg.checkpoint_nr)
+    )
+
+
+def task_range(cfg: ExtractConfig, n: int) -> tuple[int, int]:
+    """This process's example range: --start/--end, else its SLURM array share, else all.
+
+    Array tasks get contiguous whole shards, so tasks never write the same shard.
+    """
+    if cfg.start is not None or cfg.end is not None:
+        start, end = cfg.start or 0, n if cfg.end is None else min(cfg.end, n)
+        if not 0 <= start <= end:
+            raise UserError(f"--start {start} / --end {end} is not a range within 0..{n}")
+        return start, end
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return 0, n
+    lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    hi = int(os.environ.get("SLURM_ARRAY_TASK_MAX", lo + int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) - 1))
+    count, rank = hi - lo + 1, int(task) - lo
+    shards = store.shard_ranges(0, n, cfg.gradients_per_file)
+    mine = shards[rank * len(shards) // count : (rank + 1) * len(shards) // count]
+    return (mine[0][0], mine[-1][1]) if mine else (n, n)
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (SLURM's warning before a kill) stop the run at the next batch."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+class Stopped(Exception):
+    pass
+
+
+@dataclass
+class Outputs:
+    """The run directories one pass writes, with what each needs to describe itself."""
+
+    dirs: dict
+    header: dict
+    projector: Projector | None
+
+    def header_for(self, output) -> dict:
+        projected = output != "full"
+        projection = self.projector.describe() | {"dim": output} if projected else None
+        return self.header | {
+            "kind": "projected" if projected else "full",
+            "projection": projection,
+        }
+
+
+def versions() -> dict:
+    import datasets
+    import safetensors
+    import transformers
+
+    return {
+        "gradproj": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
+    for path in dirs.values():
+        manifest = path / store.MANIFEST
+        if not manifest.is_file():
+            continue
+        previous = store.Run(path).manifest.get("identity", {})
+        diff = [k for k, v in cfg.identity().items() if previous.get(k) != v]
+        if diff:
+            raise UserError(
+                f"{path} holds a run with different options ({', '.join(diff)}); "
+                "use another --gradients_output_path or delete that run"
+            )
+
+
+def run_extraction(cfg: ExtractConfig) -> int:
+    dirs = {out: run_dir(cfg, out) for out in cfg.proj_dim}
+    if cfg.skip_if_gradient_folder_exists and all(d.exists() for d in dirs.values()):
+        print(f"gradient folder exists, skipping: {', '.join(map(str, dirs.values()))}")
+        return 0
+    check_existing(cfg, dirs)
+    rows = data.load_split(cfg.dataset, cfg.dataset_split)
+    data.check_columns(rows, cfg.paradigm)
+    if cfg.limit is not None:
+        rows = rows.select(range(min(cfg.limit, len(rows))))
+    checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
+    tokenizer = models.load_tokenizer(checkpoint)
+    model = models.load_model(
+        checkpoint, cfg.paradigm, models.resolve_dtype(cfg.dtype, cfg.device), cfg.device
+    )
+    outputs = make_outputs(cfg, dirs, checkpoint, model, len(rows))
+    start, end = task_range(cfg, len(rows))
+    extractor = Extractor(cfg, rows, tokenizer, model, outputs)
+    if cfg.mode == "store_mean":
+        return extractor.run_mean()
+    return extractor.run(start, end)
+
+
+def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
+    hidden = model.get_input_embeddings().weight.shape[1]
+    dims = [d for d in cfg.proj_dim if d != "full"]
+    projector = None
+    if dims:
+        projector = Projector(
+            cfg.proj_type,
+            dims,
+            cfg.proj_seed,
+            (cfg.max_seq_length, hidden),
+            device=cfg.device,
+            memory_gb=cfg.proj_memory_gb,
+        )
+    header = {
+        "target": cfg.target,
+        "model": cfg.model,
+        "checkpoint": checkpoint.name,
+        "checkpoint_nr": cfg.checkpoint_nr,
+        "dataset": cfg.dataset,
+        "split": cfg.dataset_split,
+        "paradigm": cfg.paradigm,
+        "mode": cfg.mode,
+        "hidden_size": hidden,
+        "max_seq_length": cfg.max_seq_length,
+        "shard_size": n_rows if cfg.mode == "store_mean" else cfg.gradients_per_file,
+        "identity": cfg.identity(),
+        "options": asdict(cfg),
+        "versions": versions(),
+    }
+    return Outputs(dirs, header, projector)
+
+
+class Extractor:
+    """Runs the batches of one task range, shard by shard."""
+
+    def __init__(self, cfg, rows, tokenizer, model, outputs: Outputs):
+        self.cfg, self.rows, self.tokenizer, self.model, self.outputs = (
+            cfg,
+            rows,
+            tokenizer,
+            model,
+            outputs,
+        )
+        self.causal = cfg.paradigm != "mlm"
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.preemption = Preemption()
+        self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
+
+    def tokenize(self, start: int, end: int) -> tuple[list[data.Example], list[dict]]:
+        kept, skipped = [], []
+        for i in range(start, end):
+            ex = data.tokenize(
+                self.tokenizer,
+                self.rows[i],
+                i,
+                self.cfg.paradigm,
+                self.cfg.max_seq_length,
+                str(self.cfg.checkpoint_nr),
+            )
+            if data.label_positions(ex, self.cfg.paradigm) == 0:
+                reason = f"no label token within max_seq_length={self.cfg.max_seq_length}"
+                skipped.append({"index": i, "id": ex.id, "tokens": ex.length, "reason": reason})
+            else:
+                kept.append(ex)
+        return kept, skipped
+
+    def gradients(self, examples, progress):
+        """Yields (example, fp32 [length, hidden] gradient) in dataset order within a shard."""
+        results = {}
+        for batch in data.batches_by_tokens(examples, self.cfg.batch_tokens):
+            if self.preemption.requested:
+                raise Stopped
+            grads = embedding_gradients(self.model, batch, self.causal, self.pad_id)
+            for ex, g in zip(batch, grads, strict=True):
+                results[ex.index] = (ex, g)
+            progress.update(len(batch))
+        return [results[i] for i in sorted(results)]
+
+    def shard_done(self, start: int, end: int) -> bool:
+        return all(shard_is_valid(d, start, end) for d in self.outputs.dirs.values())
+
+    def run(self, start: int, end: int) -> int:
+        began = time.time()
+        ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
+        todo = [r for r in ranges if not self.shard_done(*r)]
+        progress = tqdm(total=sum(e - s for s, e in todo), unit="ex", desc="gradients")
+        logger = WandbLogger.maybe(self.cfg)
+        try:
+            for s, e in todo:
+                self.write_shard(s, e, progress)
+                logger.log(self.stats, began)
+        except Stopped:
+            progress.close()
+            self.merge_all({})
+            print(
+                f"stopped by signal {self.preemption.signal}: {self.stats['shards_written']} "
+                "shard(s) written, the shard in progress abandoned; rerun the same command "
+                "to resume",
+                file=sys.stderr,
+            )
+            return 128 + self.preemption.signal
+        progress.close()
+        if not todo:
+            self.merge_all({})
+        self.print_summary(began, start, end, len(ranges) - len(todo))
+        return 0
+
+    def write_shard(self, start: int, end: int, progress) -> None:
+        kept, skipped = self.tokenize(start, end)
+        progress.update(len(skipped))
+        pairs = self.gradients(kept, progress)
+        records, vectors = self.describe(pairs, skipped)
+        fresh = {}
+        for out, path in self.outputs.dirs.items():
+            tensors = self.shard_tensors(out, vectors, records)
+            entry = store.write_shard(path, start, end, tensors, records)
+            fresh[out] = {entry["file"]: entry}
+        self.merge_all(fresh)
+        self.stats["shards_written"] += 1
+
+    def describe(self, pairs, skipped) -> tuple[store.ShardRecord, dict]:
+        record = store.ShardRecord(skipped=list(skipped))
+        kept = []
+        for ex, g in pairs:
+            norm = float(g.double().norm())
+            if norm == 0.0:
+                record.skipped.append(
+                    {"index": ex.index, "id": ex.id, "tokens": ex.length, "reason": "zero gradient"}
+                )
+                continue
+            kept.append((ex, g))
+            record.examples.append(
+                {
+                    "index": ex.index,
+                    "id": ex.id,
+                    "tokens": ex.length,
+                    "label_tokens": data.label_positions(ex, self.cfg.paradigm),
+                    "grad_norm": norm,
+                }
+            )
+        self.stats["examples"] += len(kept)
+        self.stats["skipped"] += len(record.skipped)
+        self.stats["tokens"] += sum(ex.length for ex, _ in pairs)
+        record.skipped.sort(key=lambda s: s["index"])
+        grads = [g for _, g in kept]
+        vectors = {"full": grads}
+        if self.outputs.projector is not None and grads:
+            vectors |= self.outputs.projector.project_batch(grads)
+        return record, vectors
+
+    def shard_tensors(self, out, vectors: dict, record: store.ShardRecord) -> dict:
+        index = torch.tensor([e["index"] for e in record.examples], dtype=torch.long)
+        if out != "full":
+            got = vectors.get(dim_size(out))
+            empty = torch.zeros(0, dim_size(out))
+            return {"vectors": got if got is not None else empty, "index": index}
+        grads = vectors["full"]
+        hidden = self.outputs.header["hidden_size"]
+        values = torch.cat(grads) if grads else torch.zeros(0, hidden)
+        lengths = torch.tensor([0] + [g.shape[0] for g in grads], dtype=torch.long)
+        return {
+            "values": values.to(SAVE_DTYPES[self.cfg.save_dtype]),
+            "offsets": torch.cumsum(lengths, 0),
+            "index": index,
+        }
+
+    def merge_all(self, fresh: dict) -> None:
+        n = len(self.rows)
+        for out, path in self.outputs.dirs.items():
+            store.merge_manifest(
+                path,
+                self.outputs.header_for(out),
+                n,
+                self.outputs.header["shard_size"],
+                fresh.get(out, {}),
+            )
+
+    def run_mean(self) -> int:
+        """store_mean: one vector per output, the mean over every example with a gradient."""
+        began = time.time()
+        n = len(self.rows)
+        progress = tqdm(total=n, unit="ex", desc="gradients")
+        kept, skipped = self.tokenize(0, n)
+        progress.update(len(skipped))
+        pairs = self.gradients(kept, progress)
+        progress.close()
+        record, vectors = self.describe(pairs, skipped)
+        count = len(record.examples)
+        mean_record = store.ShardRecord(
+            [{"index": 0, "id": "mean", "tokens": 0, "label_tokens": 0, "grad_norm": 0.0,
+              "count": count}],
+            record.skipped,
+        )  # fmt: skip
+        fresh = {}
+        for out, path in self.outputs.dirs.items():
+            tensors = self.mean_tensors(out, vectors)
+            mean_record.examples[0]["grad_norm"] = float(_mean_norm(tensors))
+            entry = store.write_shard(path, 0, n, tensors, mean_record)
+            fresh[out] = {entry["file"]: entry}
+        self.merge_all(fresh)
+        self.print_summary(began, 0, n, 0)
+        return 0
+
+    def mean_tensors(self, out, vectors) -> dict:
+        index = torch.zeros(1, dtype=torch.long)
+        if out != "full":
+            mean = vectors[dim_size(out)].double().mean(0, keepdim=True)
+            return {"vectors": mean.float(), "index": index}
+        grads = vectors["full"]
+        longest = max(g.shape[0] for g in grads)
+        total = torch.zeros(longest, grads[0].shape[1], dtype=torch.float64)
+        for g in grads:
+            total[: g.shape[0]] += g.double()
+        values = (total / len(grads)).to(SAVE_DTYPES[self.cfg.save_dtype])
+        return {"values": values, "offsets": torch.tensor([0, longest]), "index": index}
+
+    def print_summary(self, began, start, end, resumed) -> None:
+        seconds = time.time() - began
+        s = self.stats
+        rate = s["examples"] / seconds if seconds > 0 else 0.0
+        print(
+            f"done: examples {start}..{end}: {s['examples']} gradients, {s['skipped']} skipped, "
+            f"{s['tokens']} tokens, {resumed} shard(s) already present, {seconds:.1f} s, "
+            f"{rate:.2f} examples/s\noutput: "
+            + ", ".join(str(p) for p in self.outputs.dirs.values())
+        )
+
+
+def dim_size(spec: int | str) -> int:
+    """The length of a projected vector: k, or k1 * k2 for a kronecker 'k1xk2'."""
+    factors = [int(x) for x in str(spec).split("x")]
+    return factors[0] * (factors[1] if len(factors) > 1 else 1)
+
+
+def _mean_norm(tensors: dict) -> torch.Tensor:
+    t = tensors.get("vectors", tensors.get("values"))
+    return t.double().norm()
+
+
+def shard_is_valid(run_dir: Path, start: int, end: int) -> bool:
+    """A shard counts as done when its file matches its recorded (or its own) checksum."""
+    path = run_dir / store.shard_name(start, end)
+    if not path.is_file():
+        return False
+    recorded = store.recorded_sha256(run_dir, path.name)
+    if recorded is not None:
+        return store.file_sha256(path) == recorded
+    return store.check_shard(path) is not None
+
+
+class WandbLogger:
+    """Logs throughput and memory to wandb only when the user configured wandb."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def maybe(cls, cfg: ExtractConfig) -> WandbLogger:
+        if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+            return cls(None)
+        import wandb
+
+        safe = {k: v for k, v in asdict(cfg).items() if "token" not in k.lower()}
+        return cls(wandb.init(project=os.environ.get("WANDB_PROJECT", "gradproj"), config=safe))
+
+    def log(self, stats: dict, began: float) -> None:
+        if self.run is None:
+            return
+        seconds = max(time.time() - began, 1e-9)
+        peak = (
+            torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
+        )
+        self.run.log(
+            {
+                "examples_per_s": stats["examples"] / seconds,
+                "tokens_per_s": stats["tokens"] / seconds,
+                "peak_memory_gb": peak / 2**30,
+            }
+        )
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def verify_run(path: str) -> int:
+    """Print complete, missing and corrupt shards; exit status 0 only when complete."""
+    report = store.Run(path).verify()
+    for label, names in (("missing", report.missing), ("corrupt", report.corrupt)):
+        for name in names:
+            print(f"{label}: {name}")
+    print(f"{path}: {report.summary()}{'' if report.ok else ' (incomplete)'}")
+    return 0 if report.ok else 1
+
+
+def merge_run(path: str) -> int:
+    """Rebuild manifest.json from the shards present (after job-array tasks)."""
+    manifest = store.Run(path).manifest
+    header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
+    merged = store.merge_manifest(
+        Path(path), header, manifest["n_examples"], manifest["shard_size"], {}
+    )
+    print(f"{path}: {len(merged['shards'])} shard(s), complete={merged['complete']}")
+    return 0

@@ -1,0 +1,355 @@
+"""Run directories: atomic safetensors shards, per-task manifest parts, a merged manifest.
+
+A run directory holds `<start>_<end>.safetensors` shards (dataset rows start..end-1) and one
+`manifest.json`. Each shard carries its own examples, skipped examples and a content checksum in
+its metadata, so a shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the
+manifest from the shards alone, and nothing depends on which process wrote what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gradproj.errors import UserError
+
+MANIFEST = "manifest.json"
+SHARD_FORMAT = "gradproj-shard/1"
+RUN_FORMAT = "gradproj-run/1"
+# Manifest fields rebuilt from the shards on every merge; the rest is the run's header.
+DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of tensor names, dtypes, shapes and bytes, independent of the file header."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def shard_name(start: int, end: int) -> str:
+    return f"{start}_{end}.safetensors"
+
+
+def shard_ranges(start: int, end: int, per_file: int) -> list[tuple[int, int]]:
+    """Shard boundaries are multiples of `per_file` in dataset rows, whatever the task range."""
+    first = (start // per_file) * per_file
+    return [
+        (max(s, start), min(s + per_file, end)) for s in range(first, end, per_file) if s < end
+    ]
+
+
+@dataclass
+class ShardRecord:
+    """What a shard holds, as written in its metadata: kept examples and skipped ones."""
+
+    examples: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+def write_shard(
+    run_dir: Path, start: int, end: int, tensors: dict[str, torch.Tensor], record: ShardRecord
+) -> dict:
+    """Write one shard atomically; returns its manifest entry."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # One metadata key: safetensors stores metadata in a hash map, so several keys would be
+    # written in a random order and identical shards would differ in their bytes.
+    info = {
+        "format": SHARD_FORMAT,
+        "start": start,
+        "end": end,
+        "examples": record.examples,
+        "skipped": record.skipped,
+        "content_sha256": content_sha256(tensors),
+    }
+    metadata = {"gradproj": json.dumps(info, sort_keys=True)}
+    path = Path(run_dir) / shard_name(start, end)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".shard-") as tmpdir:
+        tmp = Path(tmpdir) / path.name
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return shard_entry(path, record)
+
+
+def shard_entry(path: Path, record: ShardRecord) -> dict:
+    start, end = (int(x) for x in path.name.removesuffix(".safetensors").split("_"))
+    return {
+        "file": path.name,
+        "start": start,
+        "end": end,
+        "n": len(record.examples),
+        "sha256": file_sha256(path),
+    }
+
+
+def read_shard_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("gradproj", "{}"))
+
+
+def check_shard(path: Path) -> ShardRecord | None:
+    """The shard's record if the file parses and its content matches its checksum, else None."""
+    try:
+        meta, tensors = _read_shard(path)
+    except Exception:
+        return None
+    if meta.get("format") != SHARD_FORMAT or content_sha256(tensors) != meta.get("content_sha256"):
+        return None
+    return ShardRecord(meta["examples"], meta["skipped"])
+
+
+def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return meta, tensors
+
+
+@dataclass
+class Shard:
+    """One shard's contents: ids and dataset rows, and vectors (projected) or ragged values."""
+
+    ids: list[str]
+    index: torch.Tensor
+    vectors: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+    def rows(self, i: int) -> torch.Tensor:
+        """The `[length, hidden]` non-zero rows of example i of a full shard."""
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+
+def load_shard(path: Path) -> Shard:
+    meta, tensors = _read_shard(path)
+    return Shard(ids=[e["id"] for e in meta["examples"]], **tensors)
+
+
+@dataclass
+class VerifyReport:
+    complete: list[str]
+    missing: list[str]
+    corrupt: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+    def summary(self) -> str:
+        parts = [f"{len(self.complete)} complete"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({', '.join(self.missing[:5])})")
+        if self.corrupt:
+            parts.append(f"{len(self.corrupt)} corrupt ({', '.join(self.corrupt[:5])})")
+        return ", ".join(parts)
+
+
+class Run:
+    """Reader of a finished (or partial) run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise UserError(
+                f"{self.path} is not a gradient run (no {MANIFEST}); "
+                "pass a directory written by extract_gradients.py"
+            )
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{manifest} is not valid JSON ({err}); rerun the extraction") from err
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.manifest["examples"]]
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self.manifest["skipped"]
+
+    def expected_shards(self) -> list[str]:
+        per_file = self.manifest["shard_size"]
+        return [shard_name(s, e) for s, e in shard_ranges(0, self.manifest["n_examples"], per_file)]
+
+    def verify(self) -> VerifyReport:
+        recorded = {s["file"]: s["sha256"] for s in self.manifest["shards"]}
+        report = VerifyReport([], [], [])
+        for name in self.expected_shards():
+            path = self.path / name
+            if not path.is_file():
+                report.missing.append(name)
+            elif name in recorded and file_sha256(path) != recorded[name]:
+                report.corrupt.append(name)
+            elif name not in recorded and check_shard(path) is None:
+                report.corrupt.append(name)
+            else:
+                report.complete.append(name)
+        return report
+
+    def require_complete(self) -> None:
+        report = self.verify()
+        if not report.ok:
+            raise UserError(
+                f"run {self.path} is incomplete: {report.summary()}; "
+                "rerun the extraction to resume it"
+            )
+        if not self.manifest["examples"]:
+            raise UserError(f"run {self.path} holds no gradients (every example was skipped)")
+
+    def iter_shards(self) -> Iterator[Shard]:
+        for entry in self.manifest["shards"]:
+            yield load_shard(self.path / entry["file"])
+
+    def load_matrix(self) -> tuple[list[str], torch.Tensor]:
+        """All vectors of a projected run as one fp32 `[n, k]` matrix, in dataset order."""
+        if self.kind != "projected":
+            raise UserError(f"{self.path} holds {self.kind} gradients; load_matrix needs projected")
+        ids, blocks = [], []
+        for shard in self.iter_shards():
+            ids += shard.ids
+            blocks.append(shard.vectors.float())
+        return ids, torch.cat(blocks) if blocks else torch.zeros(0, 0)
+
+    def dense_vector(self, i: int) -> torch.Tensor:
+        """Example i (in manifest order) as the dense fp32 `[max_seq_length * hidden]` vector."""
+        shard_file, j = self._locate(i)
+        shard = load_shard(self.path / shard_file)
+        if shard.vectors is not None:
+            return shard.vectors[j].float()
+        rows = shard.rows(j).float()
+        dense = torch.zeros(self.manifest["max_seq_length"], rows.shape[1])
+        dense[: rows.shape[0]] = rows
+        return dense.flatten()
+
+    def _locate(self, i: int) -> tuple[str, int]:
+        for entry in self.manifest["shards"]:
+            if i < entry["n"]:
+                return entry["file"], i
+            i -= entry["n"]
+        raise IndexError(f"example {i} out of range")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Serialises manifest merges of concurrent job-array tasks writing one run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def merge_manifest(
+    run_dir: Path, header: dict, n_examples: int, per_file: int, fresh: dict[str, dict]
+) -> dict:
+    """Rebuild manifest.json from the shards present.
+
+    `fresh` holds the entries of shards this process just wrote; other shards keep the checksum
+    already recorded, or are checked once if they were never recorded (a task preempted between
+    writing a shard and merging).
+    """
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        path = run_dir / MANIFEST
+        known = {}
+        if path.is_file():
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                known = {s["file"]: s for s in json.loads(path.read_text())["shards"]}
+        known.update(fresh)
+        shards, examples, skipped = [], [], []
+        for start, end in shard_ranges(0, n_examples, per_file):
+            name = shard_name(start, end)
+            if not (run_dir / name).is_file():
+                continue
+            entry, record = describe_shard(run_dir / name, known.get(name))
+            if entry is None:
+                continue
+            shards.append(entry)
+            examples += record.examples
+            skipped += record.skipped
+        manifest = {
+            "format": RUN_FORMAT,
+            **header,
+            "n_examples": n_examples,
+            "complete": len(shards) == len(shard_ranges(0, n_examples, per_file)),
+            "shards": shards,
+            "examples": examples,
+            "skipped": skipped,
+        }
+        atomic_write_json(path, manifest)
+    return manifest
+
+
+def describe_shard(path: Path, entry: dict | None) -> tuple[dict | None, ShardRecord | None]:
+    """A shard's manifest entry and record; (None, None) for a file that is not a valid shard."""
+    if entry is None:
+        record = check_shard(path)
+        return (None, None) if record is None else (shard_entry(path, record), record)
+    try:
+        meta = read_shard_metadata(path)
+        record = ShardRecord(meta["examples"], meta["skipped"])
+    except Exception:
+        return None, None
+    return entry, record
+
+
+def recorded_sha256(run_dir: Path, name: str) -> str | None:
+    """The checksum manifest.json records for shard `name`, if any."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        shards = json.loads(path.read_text())["shards"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return next((s["sha256"] for s in shards if s["file"] == name), None)
