@@ -22,7 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paradigm", default="sft", help="sft, pre or mlm")
     p.add_argument("--mode", default="store", help="store (each gradient) or store_mean")
     p.add_argument("--random_projection", action="store_true", help="project the gradients")
-    p.add_argument("--proj_dim", default="16384", help="dims, comma-separated; 'full' adds the full gradient")
+    p.add_argument(
+        "--proj_dim", default="16384", help="dims, comma-separated; 'full' adds the full gradient"
+    )
     p.add_argument("--proj_type", default="rademacher", help="rademacher, normal, sjlt, kronecker")
     p.add_argument("--proj_seed", type=int, default=42)
     p.add_argument("--proj_memory_gb", type=float, default=None, help="projection memory budget")
@@ -30,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradients_output_path", default="./gradients")
     p.add_argument("--skip_if_gradient_folder_exists", action="store_true")
     p.add_argument("--max_seq_length", type=int, default=4096)
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (fp32 CPU, bf16 CUDA), fp32, bf16, fp16")
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype: auto (fp32 CPU, bf16 CUDA), fp32, bf16, fp16"
+    )
     p.add_argument("--save_dtype", default="fp32", help="full gradients on disk: fp32 or bf16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--batch_tokens", type=int, default=None, help="token budget per batch (8192)")

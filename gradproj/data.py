@@ -187,9 +187,7 @@ def mlm_generator(example_key: str, checkpoint: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def tokenize_mlm(
-    tokenizer, row: dict, index: int, max_seq_length: int, checkpoint: str
-) -> Example:
+def tokenize_mlm(tokenizer, row: dict, index: int, max_seq_length: int, checkpoint: str) -> Example:
     text = _document_text(tokenizer, row)
     ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_seq_length)[
         "input_ids"

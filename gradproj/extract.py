@@ -41,7 +41,7 @@ class ExtractConfig:
     mode: str = "store"
     random_projection: bool = False
     proj_dim: list = field(default_factory=lambda: [16384])
-    proj_type: str = "rademacher"
+    proj_type: str | list = "rademacher"
     proj_seed: int = 42
     proj_memory_gb: float | None = None
     gradients_per_file: int = 1000
@@ -61,13 +61,18 @@ class ExtractConfig:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_tokens = self.batch_tokens or 8192
         self.proj_dim = parse_dims(self.proj_dim) if self.random_projection else ["full"]
+        if isinstance(self.proj_type, str):
+            self.proj_type = [t.strip() for t in self.proj_type.split(",") if t.strip()]
         self.validate()
 
     def validate(self) -> None:
         checks = [
             (self.paradigm in data.PARADIGMS, f"unknown paradigm {self.paradigm!r}"),
             (self.mode in MODES, f"unknown mode {self.mode!r}; use store or store_mean"),
-            (self.proj_type in PROJ_TYPES, f"unknown proj_type {self.proj_type!r}"),
+            (
+                bool(self.proj_type) and set(self.proj_type) <= set(PROJ_TYPES),
+                f"unknown --proj_type {','.join(self.proj_type)!r}; use {', '.join(PROJ_TYPES)}",
+            ),
             (self.max_seq_length >= 2, "--max_seq_length must be at least 2"),
             (self.gradients_per_file >= 1, "--gradients_per_file must be at least 1"),
             (self.batch_tokens >= 1, "--batch_tokens must be at least 1"),
@@ -84,6 +89,11 @@ class ExtractConfig:
             raise UserError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but no CUDA device is visible")
+
+    def outputs(self) -> list:
+        """What one pass writes: "full" and/or (proj_type, dim) pairs, each its own run."""
+        pairs = [d if d == "full" else (t, d) for t in self.proj_type for d in self.proj_dim]
+        return list(dict.fromkeys(pairs))
 
     def identity(self) -> dict:
         return {key: getattr(self, key) for key in IDENTITY}
@@ -117,7 +127,7 @@ def path_component(name: str) -> str:
 
 
 def run_dir(cfg: ExtractConfig, output: str | int) -> Path:
-    variant = "full" if output == "full" else f"{cfg.proj_type}_{output}"
+    variant = "full" if output == "full" else "{}_{}".format(*output)
     if cfg.mode == "store_mean":
         variant += "_mean"
     split = re.sub(r"[^\w.-]+", "_", cfg.dataset_split).strip("_")
@@ -145,7 +155,11 @@ def task_range(cfg: ExtractConfig, n: int) -> tuple[int, int]:
     if task is None:
         return 0, n
     lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    hi = int(os.environ.get("SLURM_ARRAY_TASK_MAX", lo + int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) - 1))
+    hi = int(
+        os.environ.get(
+            "SLURM_ARRAY_TASK_MAX", lo + int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) - 1
+        )
+    )
     count, rank = hi - lo + 1, int(task) - lo
     shards = store.shard_ranges(0, n, cfg.gradients_per_file)
     mine = shards[rank * len(shards) // count : (rank + 1) * len(shards) // count]
@@ -178,11 +192,14 @@ class Outputs:
 
     dirs: dict
     header: dict
-    projector: Projector | None
+    projectors: dict[str, Projector]
 
     def header_for(self, output) -> dict:
         projected = output != "full"
-        projection = self.projector.describe() | {"dim": output} if projected else None
+        projection = None
+        if projected:
+            proj_type, dim = output
+            projection = self.projectors[proj_type].describe() | {"dim": dim}
         return self.header | {
             "kind": "projected" if projected else "full",
             "projection": projection,
@@ -219,7 +236,7 @@ def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
 
 
 def run_extraction(cfg: ExtractConfig) -> int:
-    dirs = {out: run_dir(cfg, out) for out in cfg.proj_dim}
+    dirs = {out: run_dir(cfg, out) for out in cfg.outputs()}
     if cfg.skip_if_gradient_folder_exists and all(d.exists() for d in dirs.values()):
         print(f"gradient folder exists, skipping: {', '.join(map(str, dirs.values()))}")
         return 0
@@ -244,16 +261,17 @@ def run_extraction(cfg: ExtractConfig) -> int:
 def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
     hidden = model.get_input_embeddings().weight.shape[1]
     dims = [d for d in cfg.proj_dim if d != "full"]
-    projector = None
-    if dims:
-        projector = Projector(
-            cfg.proj_type,
+    projectors = {
+        proj_type: Projector(
+            proj_type,
             dims,
             cfg.proj_seed,
             (cfg.max_seq_length, hidden),
             device=cfg.device,
             memory_gb=cfg.proj_memory_gb,
         )
+        for proj_type in (cfg.proj_type if dims else [])
+    }
     header = {
         "target": cfg.target,
         "model": cfg.model,
@@ -270,7 +288,7 @@ def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
         "options": asdict(cfg),
         "versions": versions(),
     }
-    return Outputs(dirs, header, projector)
+    return Outputs(dirs, header, projectors)
 
 
 class Extractor:
@@ -387,15 +405,16 @@ class Extractor:
         record.skipped.sort(key=lambda s: s["index"])
         grads = [g for _, g in kept]
         vectors = {"full": grads}
-        if self.outputs.projector is not None and grads:
-            vectors |= self.outputs.projector.project_batch(grads)
+        for proj_type, projector in self.outputs.projectors.items() if grads else ():
+            for dim, matrix in projector.project_batch(grads).items():
+                vectors[proj_type, dim] = matrix
         return record, vectors
 
     def shard_tensors(self, out, vectors: dict, record: store.ShardRecord) -> dict:
         index = torch.tensor([e["index"] for e in record.examples], dtype=torch.long)
         if out != "full":
-            got = vectors.get(dim_size(out))
-            empty = torch.zeros(0, dim_size(out))
+            got = vectors.get((out[0], dim_size(out[1])))
+            empty = torch.zeros(0, dim_size(out[1]))
             return {"vectors": got if got is not None else empty, "index": index}
         grads = vectors["full"]
         hidden = self.outputs.header["hidden_size"]
@@ -447,7 +466,7 @@ class Extractor:
     def mean_tensors(self, out, vectors) -> dict:
         index = torch.zeros(1, dtype=torch.long)
         if out != "full":
-            mean = vectors[dim_size(out)].double().mean(0, keepdim=True)
+            mean = vectors[out[0], dim_size(out[1])].double().mean(0, keepdim=True)
             return {"vectors": mean.float(), "index": index}
         grads = vectors["full"]
         longest = max(g.shape[0] for g in grads)
@@ -510,9 +529,7 @@ class WandbLogger:
         if self.run is None:
             return
         seconds = max(time.time() - began, 1e-9)
-        peak = (
-            torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
-        )
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
         self.run.log(
             {
                 "examples_per_s": stats["examples"] / seconds,

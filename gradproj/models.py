@@ -80,7 +80,9 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
 def local_checkpoints(path: Path) -> list[Path]:
     """`checkpoint-*` subfolders in training-step order."""
     found = [p for p in path.glob("checkpoint-*") if p.is_dir()]
-    return sorted(found, key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
+    return sorted(
+        found, key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)]
+    )
 
 
 def hub_branches(model: str) -> list[str]:

@@ -76,9 +76,7 @@ def shard_name(start: int, end: int) -> str:
 def shard_ranges(start: int, end: int, per_file: int) -> list[tuple[int, int]]:
     """Shard boundaries are multiples of `per_file` in dataset rows, whatever the task range."""
     first = (start // per_file) * per_file
-    return [
-        (max(s, start), min(s + per_file, end)) for s in range(first, end, per_file) if s < end
-    ]
+    return [(max(s, start), min(s + per_file, end)) for s in range(first, end, per_file) if s < end]
 
 
 @dataclass

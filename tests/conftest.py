@@ -144,5 +144,7 @@ def sft_file(tmp_path) -> Path:
 
 @pytest.fixture
 def text_file(tmp_path) -> Path:
-    rows = [{"id": f"doc_{i}", "text": " ".join(CORPUS[i % 6 : i % 6 + 1 + i % 3])} for i in range(9)]
+    rows = [
+        {"id": f"doc_{i}", "text": " ".join(CORPUS[i % 6 : i % 6 + 1 + i % 3])} for i in range(9)
+    ]
     return write_jsonl(tmp_path / "text.jsonl", rows)

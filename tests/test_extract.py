@@ -23,8 +23,9 @@ def extract(model, dataset, out, *extra, checkpoint="0"):
 
 
 def test_layout_and_manifest(tiny_llama, sft_file, tmp_path):
-    extract(tiny_llama, sft_file, tmp_path, "--random_projection", "--proj_dim", "full,16,32")
-    for variant in ("full", "rademacher_16", "rademacher_32"):
+    extract(tiny_llama, sft_file, tmp_path, "--random_projection", "--proj_dim", "full,16,32",
+            "--proj_type", "rademacher,normal")  # fmt: skip
+    for variant in ("full", "rademacher_16", "rademacher_32", "normal_16", "normal_32"):
         run = store.Run(tmp_path / variant / tiny_llama.name / "sft" / "train" / "0")
         m = run.manifest
         assert m["complete"] and run.verify().ok
@@ -64,8 +65,12 @@ def test_all_masked_example_is_reported_not_stored(tiny_llama, sft_file, tmp_pat
 
 def test_resume_recomputes_only_the_missing_shard(tiny_llama, sft_file, tmp_path):
     extract(tiny_llama, sft_file, tmp_path, "--random_projection", "--proj_dim", "full,16")
-    runs = [tmp_path / v / tiny_llama.name / "sft" / "train" / "0" for v in ("full", "rademacher_16")]
-    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for r in runs for p in r.glob("*.safetensors")}
+    runs = [
+        tmp_path / v / tiny_llama.name / "sft" / "train" / "0" for v in ("full", "rademacher_16")
+    ]
+    before = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns) for r in runs for p in r.glob("*.safetensors")
+    }
     (runs[1] / "4_8.safetensors").unlink()
     extract(tiny_llama, sft_file, tmp_path, "--random_projection", "--proj_dim", "full,16")
     for path, (content, mtime) in before.items():
@@ -121,13 +126,14 @@ def test_sft_masks_all_but_assistant_turns(tiny_llama_chatml, tiny_llama):
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         assert enc["input_ids"] == ex.input_ids
-        labelled = [text[a:b] for (a, b), lab in zip(enc["offset_mapping"], ex.labels) if lab != -100]
+        spans = list(zip(enc["offset_mapping"], ex.labels, strict=True))
+        labelled = [text[a:b] for (a, b), lab in spans if lab != -100]
         end = "<|im_end|>\n" if model == tiny_llama_chatml else "</s>\n"
         answers = [m["content"] + end for m in row["messages"] if m["role"] == "assistant"]
         assert "".join(labelled) == "".join(answers)
         # the labels are contiguous runs exactly covering each answer, nothing else
         runs, current = [], ""
-        for (a, b), lab in zip(enc["offset_mapping"], ex.labels):
+        for (a, b), lab in spans:
             if lab != -100:
                 current += text[a:b]
             elif current:
@@ -187,8 +193,9 @@ def test_bad_inputs_get_one_line_and_exit_2(tiny_llama, sft_file, text_file, tmp
 
 
 def test_cli_error_has_no_traceback(tmp_path):
+    missing_model, missing_data = str(tmp_path / "nope"), str(tmp_path / "x.jsonl")
     proc = subprocess.run(
-        [sys.executable, "extract_gradients.py", str(tmp_path / "nope"), str(tmp_path / "x.jsonl"), "0"],
+        [sys.executable, "extract_gradients.py", missing_model, missing_data, "0"],
         cwd=REPO, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"},
     )  # fmt: skip
     assert proc.returncode == 2
@@ -235,7 +242,10 @@ def test_dataset_from_save_to_disk_directory(tiny_llama, tmp_path):
 
 
 def test_ultrachat_nested_messages(tiny_llama, tmp_path):
-    rows = [{"prompt": "hi", "prompt_id": f"p{i}", "messages": [r["messages"]]} for i, r in enumerate(conversations(3))]
+    rows = [
+        {"prompt": "hi", "prompt_id": f"p{i}", "messages": [r["messages"]]}
+        for i, r in enumerate(conversations(3))
+    ]
     path = write_jsonl(tmp_path / "uc.jsonl", rows)
     extract(tiny_llama, path, tmp_path / "out", "--dataset_split", "test_sft")
     assert store.Run(tmp_path / "out" / "full" / tiny_llama.name / "uc" / "test_sft" / "0").ids == [

@@ -51,7 +51,10 @@ def test_batched_equals_padded_reference(tiny_llama, paradigm):
 def test_mlm_batched_equals_padded_reference(tiny_bert):
     model = AutoModelForMaskedLM.from_pretrained(tiny_bert, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    rows = [{"id": f"d{i}", "text": " ".join(["water boils at one hundred degrees"] * (i + 1))} for i in range(5)]
+    rows = [
+        {"id": f"d{i}", "text": " ".join(["water boils at one hundred degrees"] * (i + 1))}
+        for i in range(5)
+    ]
     examples = tokenized(tokenizer, rows, "mlm")
     assert_close_to_reference(model, examples, False, tokenizer.pad_token_id, batch_tokens=120)
 
