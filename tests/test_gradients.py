@@ -59,14 +59,17 @@ def test_mlm_batched_equals_padded_reference(tiny_bert):
     assert_close_to_reference(model, examples, False, tokenizer.pad_token_id, batch_tokens=120)
 
 
-def test_batch_loss_is_sum_of_per_example_means(tiny_llama):
-    """The identity the batched computation rests on, checked against HF's own loss."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    data.ensure_chat_template(tokenizer)
-    examples = tokenized(tokenizer, conversations(4), "sft")
-    batch = data.batches_by_tokens(examples, 10_000)[0]
-    grads = embedding_gradients(model, batch, True, tokenizer.pad_token_id)
-    for ex, g in zip(batch, grads, strict=True):
-        ref = reference_gradient(model, ex, True, tokenizer.pad_token_id)
-        torch.testing.assert_close(g, ref[: ex.length], rtol=1e-5, atol=1e-7)
+@pytest.mark.slow
+def test_real_model_batched_equals_padded_reference():
+    """SmolLM2's real vocabulary and logits, where a layout-dependent loss kernel drifted 4e-4."""
+    from gradproj import models
+
+    checkpoint = models.resolve_checkpoint("bundled:smollm2-135m-instruct", 0)
+    tokenizer = models.load_tokenizer(checkpoint)
+    model = models.load_model(checkpoint, "sft", torch.float32, "cpu")
+    rows = [{"messages": [
+        {"role": "user", "content": "Name three primary colours" + " and why" * i + "."},
+        {"role": "assistant", "content": "Red, yellow and blue: mixing them gives other hues."},
+    ]} for i in range(3)]  # fmt: skip
+    examples = tokenized(tokenizer, rows, "sft")
+    assert_close_to_reference(model, examples, True, tokenizer.pad_token_id, batch_tokens=4096)
