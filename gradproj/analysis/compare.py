@@ -1,0 +1,354 @@
+"""compare_projections: how much projection changes the ranking of train examples."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gradproj.analysis.metrics import TOP_KS, agreement_metrics
+from gradproj.analysis.original import AblationRow, run_ablation
+from gradproj.analysis.scores import ScoreDir, align_to, load_score_dir
+from gradproj.analysis.stats import median_difference_permutation_test, summarize
+from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
+from gradproj.errors import UserError
+
+DENSE_TYPES = ("rademacher", "normal")
+GROUP = ["comparison", "candidate", "projection_type", "dim", "function", "metric"]
+
+
+@dataclass
+class CompareConfig:
+    """Options of compare_projections.py; `validate` is the one place they are checked."""
+
+    reference: Path
+    candidates: list[Path]
+    output: Path
+    reference_run: Path | None = None
+    test_run: Path | None = None
+    emulate_original: bool = False
+    top_ks: tuple[int, ...] = TOP_KS
+    n_permutations: int = 1000
+    n_bootstrap: int = 2000
+    seed: int = 0
+    flag_margin: float = 0.1
+    device: str = "cpu"
+
+    def validate(self) -> "CompareConfig":
+        self.reference = Path(self.reference)
+        self.candidates = [Path(c) for c in self.candidates]
+        self.output = Path(self.output)
+        if not self.candidates:
+            raise UserError("give at least one --candidates score directory")
+        resolved = [p.resolve() for p in [self.reference, *self.candidates]]
+        if len(set(resolved)) != len(resolved):
+            raise UserError("--reference and --candidates must be distinct directories")
+        if self.output.resolve() in resolved:
+            raise UserError(f"--output {self.output} is an input directory; choose another")
+        for name in ("n_permutations", "n_bootstrap"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if not self.top_ks or min(self.top_ks) < 1:
+            raise UserError("--top_k values must be positive integers")
+        if not 0 <= self.flag_margin <= 2:
+            raise UserError("--flag_margin must lie in [0, 2] (a Kendall tau difference)")
+        return self
+
+
+@dataclass
+class Comparison:
+    """Everything the report shows; each table is a DataFrame also written as CSV."""
+
+    reference: ScoreDir
+    candidates: list[ScoreDir]
+    metrics: pd.DataFrame
+    summary: pd.DataFrame
+    permutation_tests: pd.DataFrame
+    theory: pd.DataFrame
+    theory_vs_measured: pd.DataFrame
+    dispersion: pd.DataFrame
+    ablation: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+def load_inputs(config: CompareConfig) -> tuple[ScoreDir, list[ScoreDir]]:
+    reference = load_score_dir(config.reference)
+    candidates = [align_to(reference, load_score_dir(path)) for path in config.candidates]
+    return reference, sorted(candidates, key=lambda c: (c.projection_type, c.dim or 0))
+
+
+def metric_rows(
+    comparison: str, label: ScoreDir, function: str, values: dict[str, np.ndarray], test_ids
+) -> list[dict]:
+    """Long-format metrics.csv rows: one per test example and metric."""
+    rows = []
+    for metric, per_test in values.items():
+        for test_id, value in zip(test_ids, per_test, strict=True):
+            rows.append(
+                {
+                    "comparison": comparison,
+                    "candidate": label.label,
+                    "projection_type": label.projection_type,
+                    "dim": label.dim or 0,
+                    "function": function,
+                    "metric": metric,
+                    "test_id": test_id,
+                    "value": float(value),
+                }
+            )
+    return rows
+
+
+def compute_metrics(reference: ScoreDir, candidates: list[ScoreDir], top_ks) -> pd.DataFrame:
+    """Candidate vs reference per function, and dot vs cosine within every directory."""
+    rows = []
+    for cand in candidates:
+        for function in reference.scores.keys() & cand.scores.keys():
+            values = agreement_metrics(reference.scores[function], cand.scores[function], top_ks)
+            rows += metric_rows("reference", cand, function, values, reference.test_ids)
+    for score_dir in [reference, *candidates]:
+        if {"dot", "cosine"} <= score_dir.scores.keys():
+            values = agreement_metrics(score_dir.scores["dot"], score_dir.scores["cosine"], top_ks)
+            rows += metric_rows(
+                "dot_vs_cosine", score_dir, "dot_vs_cosine", values, reference.test_ids
+            )
+    return pd.DataFrame(rows)
+
+
+def summarize_metrics(metrics: pd.DataFrame, n_bootstrap: int, seed: int) -> pd.DataFrame:
+    rows = [
+        {**dict(zip(GROUP, key, strict=True)), **summarize(group.value, n_bootstrap, seed)}
+        for key, group in metrics.groupby(GROUP, sort=False)
+    ]
+    return pd.DataFrame(rows)
+
+
+def permutation_tests(metrics: pd.DataFrame, n_permutations: int, seed: int) -> pd.DataFrame:
+    """Difference of medians between consecutive dims of one projection type and function."""
+    rows = []
+    data = metrics[metrics.comparison == "reference"]
+    for (proj_type, function, metric), group in data.groupby(
+        ["projection_type", "function", "metric"], sort=False
+    ):
+        dims = sorted(set(group.dim))
+        for low, high in zip(dims, dims[1:], strict=False):
+            result = median_difference_permutation_test(
+                group[group.dim == high].value.to_numpy(),
+                group[group.dim == low].value.to_numpy(),
+                n_permutations=n_permutations,
+                seed=seed,
+            )
+            rows.append(
+                {
+                    "projection_type": proj_type,
+                    "function": function,
+                    "metric": metric,
+                    "dim_low": low,
+                    "dim_high": high,
+                    "median_difference": result.median_difference,
+                    "p_value": result.p_value,
+                    "n_permutations": result.n_permutations,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def score_dispersion(score_dirs: list[ScoreDir]) -> pd.DataFrame:
+    """Mean over test examples of the std of the train scores (the original study's table)."""
+    rows = []
+    for score_dir in score_dirs:
+        for function, matrix in score_dir.scores.items():
+            rows.append(
+                {
+                    "candidate": score_dir.label,
+                    "projection_type": score_dir.projection_type,
+                    "dim": score_dir.dim or 0,
+                    "function": function,
+                    "mean_std_of_scores": float(np.mean(np.std(matrix.astype(np.float64), axis=1))),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def theory_dims(candidate_dims: list[int]) -> list[int]:
+    """The candidates' dims plus a geometric grid around them, for a smooth predicted curve."""
+    low, high = min(candidate_dims) / 2, max(candidate_dims) * 2
+    grid = np.geomspace(low, high, 8).round().astype(int).tolist()
+    return sorted(set(candidate_dims) | {max(1, d) for d in grid})
+
+
+def norm_product_matrix(
+    reference: ScoreDir, config: CompareConfig, notes: list[str]
+) -> np.ndarray | None:
+    """||a_i|| ||b_j|| from the runs' manifests, else recovered from full dot and cosine."""
+    if config.reference_run and config.test_run:
+        from gradproj.analysis.runs import grad_norms, open_full_run
+
+        train = grad_norms(open_full_run(config.reference_run), reference.train_ids)
+        test = grad_norms(open_full_run(config.test_run), reference.test_ids)
+        notes.append("Gradient norms for the dot-product prediction: the runs' manifests.")
+        return norm_products(test, train)
+    if {"dot", "cosine"} <= reference.scores.keys():
+        notes.append(
+            "Gradient norms for the dot-product prediction: recovered as dot / cosine "
+            "of the reference scores."
+        )
+        return norm_products_from_scores(reference.scores["dot"], reference.scores["cosine"])
+    notes.append("No gradient norms (no runs, no cosine scores): dot-product prediction skipped.")
+    return None
+
+
+def jl_theory(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig, notes: list[str]
+) -> pd.DataFrame:
+    """Median predicted Kendall tau per function and dim (empty when the reference is not full)."""
+    if reference.dim is not None:
+        notes.append("The reference is itself projected: no JL prediction against it.")
+        return pd.DataFrame(columns=["function", "dim", "predicted_median"])
+    dims = sorted({c.dim for c in candidates if c.dim})
+    if not dims:
+        return pd.DataFrame(columns=["function", "dim", "predicted_median"])
+    norm_product = (
+        norm_product_matrix(reference, config, notes) if "dot" in reference.scores else None
+    )
+    rows = []
+    for function, scores in reference.scores.items():
+        if function == "dot" and norm_product is None:
+            continue
+        for dim in theory_dims(dims):
+            taus = predicted_kendall(
+                function, scores.astype(np.float64), dim, norm_product, seed=config.seed
+            )
+            rows.append(
+                {"function": function, "dim": dim, "predicted_median": float(np.nanmedian(taus))}
+            )
+    return pd.DataFrame(rows)
+
+
+def compare_with_theory(
+    summary: pd.DataFrame, theory: pd.DataFrame, flag_margin: float
+) -> pd.DataFrame:
+    """Measured median Kendall beside the prediction; flag measured far below predicted."""
+    measured = summary[(summary.comparison == "reference") & (summary.metric == "kendall_tau")]
+    merged = measured.merge(theory, on=["function", "dim"], how="inner")
+    shortfall = merged.predicted_median - merged["median"]
+    # The prediction is for dense projections; sjlt and kronecker have other variances.
+    dense = merged.projection_type.isin(DENSE_TYPES)
+    merged["flagged"] = (
+        dense & (shortfall > flag_margin) & (merged.ci_high < merged.predicted_median)
+    )
+    columns = [
+        "candidate",
+        "projection_type",
+        "dim",
+        "function",
+        "median",
+        "ci_low",
+        "ci_high",
+        "predicted_median",
+        "flagged",
+    ]
+    return merged[columns]
+
+
+def make_projection_fn(projection: dict, dims: list[int], shape: tuple[int, int], device: str):
+    """project(list of [len, hidden]) -> {k: [B, k]} using gradproj.projection.Projector."""
+    try:
+        from gradproj.projection import Projector
+    except ImportError as err:
+        raise UserError(f"--emulate_original needs gradproj.projection ({err})") from err
+    projector = Projector(projection["type"], dims, int(projection["seed"]), shape, device)
+
+    def project(grads: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        # Small batches bound the memory of the projection's random blocks.
+        blocks = [projector.project_batch(grads[i : i + 8]) for i in range(0, len(grads), 8)]
+        return {k: torch.cat([b[k] for b in blocks]) for k in dims}
+
+    return project
+
+
+def resolve_runs(config: CompareConfig, reference: ScoreDir) -> tuple[Path | None, Path | None]:
+    """--reference_run / --test_run, else the runs recorded in the reference scores' metadata."""
+    train = config.reference_run or reference.metadata.get("train_run")
+    test = config.test_run or reference.metadata.get("test_run")
+    return (Path(train) if train else None), (Path(test) if test else None)
+
+
+def ablation_table(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
+) -> pd.DataFrame:
+    """The emulated original pipeline, step by step, per projection type, dim and function."""
+    from gradproj.analysis.runs import load_gradient_pair
+
+    train_run, test_run = resolve_runs(config, reference)
+    if not (train_run and test_run):
+        raise UserError(
+            "--emulate_original needs the full gradients: pass --reference_run "
+            "(train) and --test_run"
+        )
+    gradients = load_gradient_pair(train_run, test_run, reference.train_ids, reference.test_ids)
+    hidden = gradients.train_rows[0].shape[1]
+    rows: list[AblationRow] = []
+    for (proj_type, seed), dims in projection_groups(candidates).items():
+        project = make_projection_fn(
+            {"type": proj_type, "seed": seed},
+            dims,
+            (gradients.max_seq_length, hidden),
+            config.device,
+        )
+        rows += run_ablation(gradients, project, proj_type, tuple(reference.scores))
+    return pd.DataFrame([ablation_record(r, config) for r in rows])
+
+
+def projection_groups(candidates: list[ScoreDir]) -> dict[tuple[str, int], list[int]]:
+    groups: dict[tuple[str, int], list[int]] = {}
+    for cand in candidates:
+        if cand.projection:
+            key = (cand.projection_type, int(cand.projection.get("seed", 0)))
+            groups.setdefault(key, []).append(cand.dim)
+    return {key: sorted(set(dims)) for key, dims in groups.items()}
+
+
+def ablation_record(row: AblationRow, config: CompareConfig) -> dict:
+    stats = summarize(row.kendall, config.n_bootstrap, config.seed)
+    return {
+        "variant": row.variant,
+        "function": row.function,
+        "projection_type": row.projection_type,
+        "dim": row.dim,
+        "kendall_median": stats["median"],
+        "ci_low": stats["ci_low"],
+        "ci_high": stats["ci_high"],
+        "nan_scores_dropped": row.dropped,
+        "mean_std_of_scores": row.candidate_score_std,
+    }
+
+
+def compare_projections(config: CompareConfig) -> Comparison:
+    """Compute every table and figure and write them, with report.md, under config.output."""
+    from gradproj.analysis.report import write_outputs
+
+    config.validate()
+    reference, candidates = load_inputs(config)
+    notes: list[str] = []
+    if reference.manifest.get("kind") != "full":
+        notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
+    metrics = compute_metrics(reference, candidates, config.top_ks)
+    summary = summarize_metrics(metrics, config.n_bootstrap, config.seed)
+    theory = jl_theory(reference, candidates, config, notes)
+    comparison = Comparison(
+        reference=reference,
+        candidates=candidates,
+        metrics=metrics,
+        summary=summary,
+        permutation_tests=permutation_tests(metrics, config.n_permutations, config.seed),
+        theory=theory,
+        theory_vs_measured=compare_with_theory(summary, theory, config.flag_margin),
+        dispersion=score_dispersion([reference, *candidates]),
+        ablation=ablation_table(reference, candidates, config) if config.emulate_original else None,
+        notes=notes,
+    )
+    write_outputs(comparison, config.output)
+    return comparison

@@ -1,0 +1,146 @@
+"""PNG figures of the comparison (matplotlib, Agg backend: no display needed)."""
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+FUNCTION_ORDER = ("dot", "cosine")
+METRIC_LABELS = {
+    "kendall_tau": "Kendall's tau-b",
+    "spearman_rho": "Spearman's rho",
+    "ndcg_original": "NDCG (original definition)",
+}
+
+
+def metric_label(metric: str) -> str:
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    if metric.startswith("top") and metric.endswith("_overlap"):
+        return f"top-{metric[3:-8]} overlap"
+    return metric.replace("ndcg@", "NDCG@")
+
+
+def dim_label(dim: float) -> str:
+    """8192 -> '8,192'; 2048000 -> '2.05M' (short enough for a tick label)."""
+    dim = int(dim)
+    return f"{dim / 1e6:.3g}M" if dim >= 1_000_000 else f"{dim:,}"
+
+
+def violin_grid(metrics: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Metric by dim: rows dot/cosine, columns projection type (the original study's layout)."""
+    data = metrics[(metrics.comparison == "reference") & (metrics.metric == metric)]
+    functions = [f for f in FUNCTION_ORDER if f in set(data.function)]
+    types = sorted(set(data.projection_type))
+    fig, axes = plt.subplots(
+        len(functions),
+        len(types),
+        figsize=(4.2 * len(types), 3.2 * len(functions)),
+        squeeze=False,
+        sharey=True,
+        constrained_layout=True,
+    )
+    for row, function in enumerate(functions):
+        for col, proj_type in enumerate(types):
+            cell = data[(data.function == function) & (data.projection_type == proj_type)]
+            _violins(axes[row, col], cell)
+            axes[row, col].set_title(f"{function}, {proj_type}")
+            axes[row, col].set_xlabel("projection dim k")
+        axes[row, 0].set_ylabel(metric_label(metric))
+    fig.suptitle(f"{metric_label(metric)} against the reference, per test example")
+    return _save(fig, path)
+
+
+def _violins(ax, cell: pd.DataFrame) -> None:
+    dims = sorted(set(cell.dim))
+    groups = [cell[cell.dim == d].value.dropna().to_numpy() for d in dims]
+    positions = np.arange(len(dims))
+    drawable = [i for i, g in enumerate(groups) if g.size > 1 and np.ptp(g) > 0]
+    if drawable:
+        ax.violinplot([groups[i] for i in drawable], positions[drawable], showmedians=True)
+    for i, g in enumerate(groups):
+        if g.size and i not in drawable:  # a constant group cannot be drawn as a violin
+            ax.plot([i], [g[0]], "o", color="C0")
+    ax.set_xticks(positions, [dim_label(d) for d in dims], rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def agreement_vs_dim(summary: pd.DataFrame, theory: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Median agreement vs k with bootstrap 95% CIs, and the JL prediction (dashed)."""
+    data = summary[(summary.comparison == "reference") & (summary.metric == metric)]
+    functions = [f for f in FUNCTION_ORDER if f in set(data.function)]
+    fig, axes = plt.subplots(
+        1,
+        len(functions),
+        figsize=(5.2 * len(functions), 3.8),
+        squeeze=False,
+        sharey=True,
+        constrained_layout=True,
+    )
+    for ax, function in zip(axes[0], functions, strict=True):
+        for i, (proj_type, line) in enumerate(
+            data[data.function == function].groupby("projection_type")
+        ):
+            line = line.sort_values("dim")
+            err = np.vstack([line["median"] - line.ci_low, line.ci_high - line["median"]])
+            ax.errorbar(
+                line.dim,
+                line["median"],
+                yerr=np.clip(err, 0, None),
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=f"measured, {proj_type}",
+            )
+        predicted = theory[theory.function == function].sort_values("dim") if len(theory) else []
+        if len(predicted):
+            ax.plot(predicted.dim, predicted.predicted_median, "k--", label="JL prediction")
+        ax.set_xscale("log")
+        ax.set_title(function)
+        ax.set_xlabel("projection dim k")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    axes[0, 0].set_ylabel(f"median {metric_label(metric)}")
+    return _save(fig, path)
+
+
+def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kendall_tau") -> Path:
+    """Per score directory: histogram over test examples of dot-vs-cosine agreement."""
+    data = metrics[(metrics.comparison == "dot_vs_cosine") & (metrics.metric == metric)]
+    labels = list(dict.fromkeys(data.candidate))
+    ncols = min(3, max(1, len(labels)))
+    nrows = max(1, math.ceil(len(labels) / ncols))
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(4 * ncols, 3 * nrows),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        constrained_layout=True,
+    )
+    values = data.value.dropna()
+    # Shared bins so that the panels can be compared by eye.
+    bins = np.linspace(values.min(), values.max(), 21) if values.nunique() > 1 else 20
+    for ax, label in zip(axes.flat, labels, strict=False):
+        per_test = data[data.candidate == label].value.dropna()
+        ax.hist(per_test, bins=bins, color="C2")
+        ax.set_title(f"{label} (median {per_test.median():.3f})", fontsize="medium")
+        ax.set_xlabel(metric_label(metric))
+        ax.set_ylabel("test examples")
+        ax.label_outer()  # x labels on the bottom row only, y labels on the left column only
+    for ax in list(axes.flat)[len(labels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"Dot vs cosine ranking agreement ({metric_label(metric)})")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

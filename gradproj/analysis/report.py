@@ -1,0 +1,179 @@
+"""Writing the comparison: CSV tables, PNG figures and report.md tying them together."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradproj.analysis import figures
+
+HEADLINE_METRICS = ("kendall_tau", "spearman_rho", "top10_overlap", "ndcg@10", "ndcg_original")
+
+
+def write_outputs(comparison, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "metrics.csv": comparison.metrics,
+        "summary.csv": comparison.summary,
+        "permutation_tests.csv": comparison.permutation_tests,
+        "theory.csv": comparison.theory,
+        "theory_vs_measured.csv": comparison.theory_vs_measured,
+        "dispersion.csv": comparison.dispersion,
+    }
+    if comparison.ablation is not None:
+        tables["ablation.csv"] = comparison.ablation
+    for name, table in tables.items():
+        table.to_csv(output / name, index=False)
+    comparison.figures = write_figures(comparison, output)
+    (output / "report.md").write_text(render_report(comparison))
+
+
+def write_figures(comparison, output: Path) -> list[Path]:
+    paths = []
+    reference_metrics = set(comparison.metrics[comparison.metrics.comparison == "reference"].metric)
+    for metric in [m for m in HEADLINE_METRICS if m in reference_metrics]:
+        name = f"violin_{metric.replace('@', '_at_')}.png"
+        paths.append(figures.violin_grid(comparison.metrics, metric, output / name))
+    if reference_metrics:
+        paths.append(
+            figures.agreement_vs_dim(
+                comparison.summary,
+                comparison.theory,
+                "kendall_tau",
+                output / "agreement_vs_dim.png",
+            )
+        )
+    if (comparison.metrics.comparison == "dot_vs_cosine").any():
+        paths.append(figures.dot_cosine_histogram(comparison.metrics, output / "dot_vs_cosine.png"))
+    return paths
+
+
+def render_report(comparison) -> str:
+    ref = comparison.reference
+    parts = [
+        "# Projection vs reference: ranking agreement\n",
+        f"Reference: `{ref.path}` ({ref.label}); {len(ref.test_ids)} test x "
+        f"{len(ref.train_ids)} train examples. Candidates: "
+        + ", ".join(f"`{c.label}`" for c in comparison.candidates)
+        + ".\n",
+        "Every metric is computed per test example from the scores (never from file order); "
+        "tables give the median over test examples with a 95% bootstrap CI. Definitions: "
+        "docs/analysis.md.\n",
+        *[f"- {note}" for note in comparison.notes],
+        "\n## Agreement with the reference\n",
+        headline_table(comparison.summary),
+        *figure_links(comparison.figures, "violin_"),
+        *figure_links(comparison.figures, "agreement_vs_dim"),
+        "\n## Consecutive dims: permutation test of the difference of medians\n",
+        markdown_table(kendall_only(comparison.permutation_tests)),
+        "\n## Johnson-Lindenstrauss prediction vs measurement (Kendall's tau)\n",
+        theory_section(comparison.theory_vs_measured),
+        "\n## Dot vs cosine within one dimension\n",
+        markdown_table(dot_vs_cosine_table(comparison.summary)),
+        *figure_links(comparison.figures, "dot_vs_cosine"),
+        "\n## Score dispersion (mean over test examples of the std of train scores)\n",
+        markdown_table(dispersion_table(comparison.dispersion)),
+    ]
+    if comparison.ablation is not None:
+        parts += [
+            "\n## Emulated original pipeline: ablation (median Kendall's tau)\n",
+            ABLATION_NOTE,
+            markdown_table(ablation_pivot(comparison.ablation)),
+            "\nMean over test examples of the std of the candidate's scores per variant (without "
+            "the 1/sqrt(k) scaling, projected dot products grow with k):\n",
+            markdown_table(ablation_pivot(comparison.ablation, "mean_std_of_scores")),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+ABLATION_NOTE = (
+    "Each row applies one step of the original pipeline (on both sides where the original did), "
+    "`all_candidate_only` all steps to the projected side against clean full scores, and "
+    "`exact_original` all steps on both sides, as the original compared them. `none` recomputes "
+    "the projection from the full gradients and should match the measured agreement above.\n"
+)
+
+
+def headline_table(summary: pd.DataFrame) -> str:
+    data = summary[(summary.comparison == "reference") & summary.metric.isin(HEADLINE_METRICS)]
+    if data.empty:
+        return "_No candidate shares a score function with the reference._\n"
+    data = data.assign(value=[ci_cell(r) for r in data.itertuples()])
+    table = data.pivot_table(
+        index=["function", "projection_type", "dim"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+        sort=False,
+    ).reset_index()
+    ordered = [m for m in HEADLINE_METRICS if m in table.columns]
+    return markdown_table(table[["function", "projection_type", "dim", *ordered]])
+
+
+def ci_cell(row) -> str:
+    return f"{row.median:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def kendall_only(tests: pd.DataFrame) -> pd.DataFrame:
+    return tests[tests.metric == "kendall_tau"] if len(tests) else tests
+
+
+def theory_section(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "_No prediction (needs a full reference and projected candidates)._\n"
+    flagged = table[table.flagged]
+    text = markdown_table(table)
+    if len(flagged):
+        names = ", ".join(f"{r.candidate} ({r.function})" for r in flagged.itertuples())
+        text += (
+            f"\n**Flagged:** measured agreement far below the JL prediction for {names}: "
+            "a likely numerical problem (precision, scaling, NaN handling), not the "
+            "projection itself.\n"
+        )
+    else:
+        text += "\nNo candidate falls far below its prediction.\n"
+    return text
+
+
+def dot_vs_cosine_table(summary: pd.DataFrame) -> pd.DataFrame:
+    data = summary[(summary.comparison == "dot_vs_cosine") & (summary.metric == "kendall_tau")]
+    return data[["candidate", "n", "median", "ci_low", "ci_high"]]
+
+
+def dispersion_table(dispersion: pd.DataFrame) -> pd.DataFrame:
+    return dispersion.pivot_table(
+        index=["candidate", "projection_type", "dim"],
+        columns="function",
+        values="mean_std_of_scores",
+        sort=False,
+    ).reset_index()
+
+
+def ablation_pivot(ablation: pd.DataFrame, value: str = "kendall_median") -> pd.DataFrame:
+    data = ablation.assign(
+        column=[f"{r.function} {r.projection_type}_{r.dim}" for r in ablation.itertuples()]
+    )
+    return data.pivot_table(
+        index="variant", columns="column", values=value, sort=False
+    ).reset_index()
+
+
+def figure_links(paths: list[Path], prefix: str) -> list[str]:
+    return [f"\n![{p.stem}]({p.name})\n" for p in paths if p.name.startswith(prefix)]
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    if table is None or table.empty:
+        return "_(empty)_\n"
+    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in table.to_numpy()]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float | np.floating):
+        if not np.isfinite(value):
+            return "nan"
+        return f"{value:.3g}" if abs(value) >= 1000 or (0 < abs(value) < 1e-3) else f"{value:.3f}"
+    return str(value)
