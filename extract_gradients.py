@@ -23,9 +23,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default="store", help="store (each gradient) or store_mean")
     p.add_argument("--random_projection", action="store_true", help="project the gradients")
     p.add_argument(
-        "--proj_dim", default="16384", help="dims, comma-separated; 'full' adds the full gradient"
+        "--proj_dim",
+        default=None,
+        help="dims, comma-separated; 'full' adds the full gradient (default 16384;\n"
+        "with --target params and kronecker: per layer, e.g. 16x16, the default)",
     )
-    p.add_argument("--proj_type", default="rademacher", help="rademacher, normal, sjlt, kronecker")
+    p.add_argument(
+        "--proj_type",
+        default=None,
+        help="rademacher, normal, sjlt, kronecker (default rademacher; kronecker for params)",
+    )
     p.add_argument("--proj_seed", type=int, default=42)
     p.add_argument("--proj_memory_gb", type=float, default=None, help="projection memory budget")
     p.add_argument("--gradients_per_file", type=int, default=1000)
@@ -41,7 +48,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--start", type=int, default=None, help="first example of this task's range")
     p.add_argument("--end", type=int, default=None, help="end (exclusive) of this task's range")
-    p.add_argument("--target", default="embeddings", help="gradient target: embeddings")
+    p.add_argument(
+        "--target",
+        default="embeddings",
+        help="embeddings (d loss / d input embeddings) or params (weights of linear layers;\n"
+        "projected by default, see docs/params.md)",
+    )
+    p.add_argument(
+        "--modules",
+        default=None,
+        metavar="GLOB[,GLOB...]",
+        help="params: linear layers by name, e.g. '*.mlp.*' (default: all but the LM head)",
+    )
+    p.add_argument("--include_lm_head", action="store_true", help="params: add the LM head")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="add the exact gradient; with --target params and no --random_projection, only it",
+    )
     p.add_argument("--verify", metavar="RUN_DIR", help="check a run's shards and exit")
     p.add_argument("--merge", metavar="RUN_DIR", help="rebuild a run's manifest.json and exit")
     return p.parse_args(argv)

@@ -20,9 +20,11 @@ from tqdm import tqdm
 from gradproj import __version__, data, models, store
 from gradproj.errors import UserError
 from gradproj.gradients import embedding_gradients
+from gradproj.params import ParamsExample, ParamsTarget
 from gradproj.projection import PROJ_TYPES, Projector
 
 MODES = ("store", "store_mean")
+TARGETS = ("embeddings", "params")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Options that decide the bytes of a run: a rerun into the same directory must agree on them.
 IDENTITY = (
@@ -40,8 +42,8 @@ class ExtractConfig:
     paradigm: str = "sft"
     mode: str = "store"
     random_projection: bool = False
-    proj_dim: list = field(default_factory=lambda: [16384])
-    proj_type: str | list = "rademacher"
+    proj_dim: list | str | None = field(default_factory=lambda: [16384])
+    proj_type: str | list | None = "rademacher"
     proj_seed: int = 42
     proj_memory_gb: float | None = None
     gradients_per_file: int = 1000
@@ -56,11 +58,18 @@ class ExtractConfig:
     start: int | None = None
     end: int | None = None
     target: str = "embeddings"
+    # --- target params (issue 8) ---
+    modules: str | list | None = None
+    include_lm_head: bool = False
+    full: bool = False
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_tokens = self.batch_tokens or 8192
+        self._target_defaults()
         self.proj_dim = parse_dims(self.proj_dim) if self.random_projection else ["full"]
+        if self.full and "full" not in self.proj_dim:
+            self.proj_dim.append("full")
         if isinstance(self.proj_type, str):
             self.proj_type = [t.strip() for t in self.proj_type.split(",") if t.strip()]
         self.validate()
@@ -80,7 +89,11 @@ class ExtractConfig:
             (self.checkpoint_nr >= 0, "checkpoint_nr must be >= 0"),
             (self.save_dtype in SAVE_DTYPES, "--save_dtype must be fp32 or bf16"),
             (self.dtype in ("auto", *models.DTYPES), "--dtype must be auto, fp32, bf16 or fp16"),
-            (self.target == "embeddings", f"unknown --target {self.target!r}"),
+            (self.target in TARGETS, f"unknown --target {self.target!r}; use embeddings or params"),
+            (
+                self.target == "params" or (not self.modules and not self.include_lm_head),
+                "--modules and --include_lm_head choose layers for --target params only",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,7 +109,25 @@ class ExtractConfig:
         return list(dict.fromkeys(pairs))
 
     def identity(self) -> dict:
-        return {key: getattr(self, key) for key in IDENTITY}
+        identity = {key: getattr(self, key) for key in IDENTITY}
+        if self.target == "params":
+            identity |= {"modules": self.modules, "include_lm_head": self.include_lm_head}
+        return identity
+
+    def _target_defaults(self) -> None:
+        """--target params projects by default, with kronecker 16x16 per layer; --full alone
+        stores the exact gradient instead. Unset options mean the embedding target's defaults."""
+        params = self.target == "params"
+        if self.proj_type is None:
+            self.proj_type = "kronecker" if params else "rademacher"
+        if self.proj_dim is None:
+            self.proj_dim = ["16x16"] if params and "kronecker" in str(self.proj_type) else [16384]
+        if params and not self.full:
+            self.random_projection = True
+        if isinstance(self.modules, str):
+            self.modules = [m.strip() for m in self.modules.split(",") if m.strip()] or None
+
+    # --- end target params ---
 
 
 def parse_dims(spec) -> list:
@@ -128,6 +159,8 @@ def path_component(name: str) -> str:
 
 def run_dir(cfg: ExtractConfig, output: str | int) -> Path:
     variant = "full" if output == "full" else "{}_{}".format(*output)
+    if cfg.target == "params":  # never shares a directory with an embedding run
+        variant = f"params_{variant}"
     if cfg.mode == "store_mean":
         variant += "_mean"
     split = re.sub(r"[^\w.-]+", "_", cfg.dataset_split).strip("_")
@@ -144,26 +177,67 @@ def run_dir(cfg: ExtractConfig, output: str | int) -> Path:
 def task_range(cfg: ExtractConfig, n: int) -> tuple[int, int]:
     """This process's example range: --start/--end, else its SLURM array share, else all.
 
-    Array tasks get contiguous whole shards, so tasks never write the same shard.
+    A range is widened to whole shards: each bound is rounded up to a multiple of
+    --gradients_per_file (at most n), so processes whose ranges partition the dataset also
+    partition its shards, and no two of them ever write the same shard. Array tasks get
+    contiguous runs of whole shards; a task left without any (more tasks than shards) gets the
+    empty range n..n and exits cleanly.
     """
     if cfg.start is not None or cfg.end is not None:
-        start, end = cfg.start or 0, n if cfg.end is None else min(cfg.end, n)
-        if not 0 <= start <= end:
-            raise UserError(f"--start {start} / --end {end} is not a range within 0..{n}")
-        return start, end
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    if task is None:
+        start, end = cfg.start or 0, n if cfg.end is None else cfg.end
+        if start < 0 or end < start:
+            raise UserError(f"--start {start} / --end {end} is not a range of example indices")
+        per = cfg.gradients_per_file
+        aligned = tuple(min(n, -(-x // per) * per) for x in (start, end))
+        if aligned != (start, min(end, n)):
+            print(
+                f"examples {start}..{end} widened to whole shards of {per}: "
+                f"{aligned[0]}..{aligned[1]} (of {n})",
+                file=sys.stderr,
+            )
+        return aligned
+    share = array_share()
+    if share is None:
         return 0, n
-    lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    hi = int(
-        os.environ.get(
-            "SLURM_ARRAY_TASK_MAX", lo + int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) - 1
-        )
-    )
-    count, rank = hi - lo + 1, int(task) - lo
+    rank, count = share
     shards = store.shard_ranges(0, n, cfg.gradients_per_file)
     mine = shards[rank * len(shards) // count : (rank + 1) * len(shards) // count]
     return (mine[0][0], mine[-1][1]) if mine else (n, n)
+
+
+def array_share() -> tuple[int, int] | None:
+    """(rank, count) of this SLURM array task among its array, or None outside an array.
+
+    Works from SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_MIN/MAX/STEP and/or COUNT, for any
+    evenly spaced array (--array=0-N, 1-N, 0-N:step, with or without a %limit).
+    """
+    env = os.environ
+    if env.get("SLURM_ARRAY_TASK_ID") is None:
+        return None
+    try:
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+        count = int(env["SLURM_ARRAY_TASK_COUNT"]) if env.get("SLURM_ARRAY_TASK_COUNT") else None
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
+        if env.get("SLURM_ARRAY_TASK_MAX"):
+            hi = int(env["SLURM_ARRAY_TASK_MAX"])
+        elif count is not None:
+            hi = lo + (count - 1) * step
+        else:
+            raise ValueError("neither SLURM_ARRAY_TASK_MAX nor SLURM_ARRAY_TASK_COUNT is set")
+    except ValueError as err:
+        raise UserError(f"cannot read this SLURM array task's position: {err}") from err
+    if count is None:
+        count = (hi - lo) // step + 1 if step > 0 else 0
+    if step < 1 or count < 1 or hi - lo != (count - 1) * step or not lo <= task <= hi or (
+        (task - lo) % step
+    ):
+        raise UserError(
+            f"SLURM array task {task} of ids {lo}..{hi} (step {step}, {count} tasks) is not part "
+            "of an evenly spaced array; submit with --array=0-N (optionally :STEP or %LIMIT), "
+            "or give each job --start/--end"
+        )
+    return (task - lo) // step, count
 
 
 class Preemption:
@@ -193,8 +267,11 @@ class Outputs:
     dirs: dict
     header: dict
     projectors: dict[str, Projector]
+    params: ParamsTarget | None = None
 
     def header_for(self, output) -> dict:
+        if self.params is not None:
+            return self.header | self.params.header_for(output)
         projected = output != "full"
         projection = None
         if projected:
@@ -245,13 +322,19 @@ def run_extraction(cfg: ExtractConfig) -> int:
     data.check_columns(rows, cfg.paradigm)
     if cfg.limit is not None:
         rows = rows.select(range(min(cfg.limit, len(rows))))
+    start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
+    if cfg.mode == "store_mean" and (start, end) != (0, len(rows)):
+        if cfg.start is not None or cfg.end is not None:
+            raise UserError("--mode store_mean averages the whole dataset: drop --start/--end")
+        if array_share()[0] != 0:
+            print("--mode store_mean averages the whole dataset: array task 0 computes it")
+            return 0
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
     tokenizer = models.load_tokenizer(checkpoint)
     model = models.load_model(
         checkpoint, cfg.paradigm, models.resolve_dtype(cfg.dtype, cfg.device), cfg.device
     )
     outputs = make_outputs(cfg, dirs, checkpoint, model, len(rows))
-    start, end = task_range(cfg, len(rows))
     extractor = Extractor(cfg, rows, tokenizer, model, outputs)
     if cfg.mode == "store_mean":
         return extractor.run_mean()
@@ -270,8 +353,14 @@ def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
             device=cfg.device,
             memory_gb=cfg.proj_memory_gb,
         )
-        for proj_type in (cfg.proj_type if dims else [])
+        for proj_type in (cfg.proj_type if dims and cfg.target == "embeddings" else [])
     }
+    params = None
+    if cfg.target == "params":
+        params = ParamsTarget(
+            model, cfg.modules, cfg.include_lm_head, cfg.outputs(), cfg.proj_seed, cfg.device,
+            cfg.proj_memory_gb, cfg.batch_tokens, cfg.gradients_per_file,
+        )  # fmt: skip
     header = {
         "target": cfg.target,
         "model": cfg.model,
@@ -288,7 +377,7 @@ def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
         "options": asdict(cfg),
         "versions": versions(),
     }
-    return Outputs(dirs, header, projectors)
+    return Outputs(dirs, header, projectors, params)
 
 
 class Extractor:
@@ -331,11 +420,17 @@ class Extractor:
         for batch in data.batches_by_tokens(examples, self.cfg.batch_tokens):
             if self.preemption.requested:
                 raise Stopped
-            grads = embedding_gradients(self.model, batch, self.causal, self.pad_id)
+            grads = self.batch_gradients(batch)
             for ex, g in zip(batch, grads, strict=True):
                 results[ex.index] = (ex, g)
             progress.update(len(batch))
         return [results[i] for i in sorted(results)]
+
+    def batch_gradients(self, batch) -> list:
+        """Embedding gradients, or for --target params each example's ParamsExample."""
+        if self.outputs.params is not None:
+            return self.outputs.params.batch(self.model, batch, self.causal, self.pad_id)
+        return embedding_gradients(self.model, batch, self.causal, self.pad_id)
 
     def shard_done(self, start: int, end: int) -> bool:
         return all(shard_is_valid(d, start, end) for d in self.outputs.dirs.values())
@@ -353,13 +448,19 @@ class Extractor:
         except Stopped:
             progress.close()
             self.merge_all({})
+            sig = self.preemption.signal
+            done = len(ranges) - len(todo) + self.stats["shards_written"]
             print(
-                f"stopped by signal {self.preemption.signal}: {self.stats['shards_written']} "
-                "shard(s) written, the shard in progress abandoned; rerun the same command "
-                "to resume",
+                f"stopped by {signal.Signals(sig).name} (preemption, time limit or scancel): "
+                f"{done} of {len(ranges)} shard(s) of examples {start}..{end} done, "
+                f"{self.stats['shards_written']} of them in this run; the shard in progress was "
+                "abandoned (no partial file is left) and the manifest written. To resume, rerun "
+                "the same command or resubmit the same sbatch job (a job requeued by SLURM "
+                "resumes by itself): finished shards are kept.",
                 file=sys.stderr,
+                flush=True,
             )
-            return 128 + self.preemption.signal
+            return 128 + sig
         progress.close()
         if not todo:
             self.merge_all({})
@@ -383,7 +484,7 @@ class Extractor:
         record = store.ShardRecord(skipped=list(skipped))
         kept = []
         for ex, g in pairs:
-            norm = float(g.double().norm())
+            norm = g.norm if isinstance(g, ParamsExample) else float(g.double().norm())
             if norm == 0.0:
                 record.skipped.append(
                     {"index": ex.index, "id": ex.id, "tokens": ex.length, "reason": "zero gradient"}
@@ -404,6 +505,8 @@ class Extractor:
         self.stats["tokens"] += sum(ex.length for ex, _ in pairs)
         record.skipped.sort(key=lambda s: s["index"])
         grads = [g for _, g in kept]
+        if self.outputs.params is not None:  # params: the batch pass already projected
+            return record, self.outputs.params.stack(grads, list(self.outputs.dirs))
         vectors = {"full": grads}
         for proj_type, projector in self.outputs.projectors.items() if grads else ():
             for dim, matrix in projector.project_batch(grads).items():
@@ -416,6 +519,9 @@ class Extractor:
             got = vectors.get((out[0], dim_size(out[1])))
             empty = torch.zeros(0, dim_size(out[1]))
             return {"vectors": got if got is not None else empty, "index": index}
+        if self.outputs.params is not None:  # params_full: one exact vector per example
+            full = vectors["full"].to(SAVE_DTYPES[self.cfg.save_dtype])
+            return {"vectors": full, "index": index}
         grads = vectors["full"]
         hidden = self.outputs.header["hidden_size"]
         values = torch.cat(grads) if grads else torch.zeros(0, hidden)
@@ -468,6 +574,9 @@ class Extractor:
         if out != "full":
             mean = vectors[out[0], dim_size(out[1])].double().mean(0, keepdim=True)
             return {"vectors": mean.float(), "index": index}
+        if self.outputs.params is not None:
+            mean = vectors["full"].double().mean(0, keepdim=True)
+            return {"vectors": mean.to(SAVE_DTYPES[self.cfg.save_dtype]), "index": index}
         grads = vectors["full"]
         longest = max(g.shape[0] for g in grads)
         total = torch.zeros(longest, grads[0].shape[1], dtype=torch.float64)
@@ -545,22 +654,55 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def run_dirs_below(path: str) -> list[Path]:
+    """`path` itself when it is a run directory, else every run directory below it."""
+    root = Path(path)
+    if (root / store.MANIFEST).is_file() or not root.is_dir():
+        return [root]
+    return sorted(p.parent for p in root.rglob(store.MANIFEST)) or [root]
+
+
 def verify_run(path: str) -> int:
-    """Print complete, missing and corrupt shards; exit status 0 only when complete."""
-    report = store.Run(path).verify()
+    """Print complete, missing and corrupt shards of a run (or of every run below `path`);
+    exit status 0 only when every run is complete and its manifest lists every shard."""
+    status = 0
+    for run_path in run_dirs_below(path):
+        status |= _verify_one(run_path)
+    return status
+
+
+def _verify_one(path: Path) -> int:
+    run = store.Run(path)
+    report = run.verify()
     for label, names in (("missing", report.missing), ("corrupt", report.corrupt)):
         for name in names:
-            print(f"{label}: {name}")
-    print(f"{path}: {report.summary()}{'' if report.ok else ' (incomplete)'}")
-    return 0 if report.ok else 1
+            print(f"{label}: {path / name}")
+    listed = {s["file"] for s in run.manifest["shards"]}
+    unmerged = [name for name in report.complete if name not in listed]
+    if not report.ok:
+        print(f"{path}: INCOMPLETE: {report.summary()}; rerun the extraction to resume it")
+        return 1
+    if unmerged:
+        print(
+            f"{path}: every shard is present, but manifest.json lacks {len(unmerged)} of them "
+            f"({', '.join(unmerged[:5])}); run: extract_gradients.py --merge {path}"
+        )
+        return 1
+    print(
+        f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
+        f"gradient(s), {len(run.manifest['skipped'])} skipped"
+    )
+    return 0
 
 
 def merge_run(path: str) -> int:
-    """Rebuild manifest.json from the shards present (after job-array tasks)."""
-    manifest = store.Run(path).manifest
-    header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
-    merged = store.merge_manifest(
-        Path(path), header, manifest["n_examples"], manifest["shard_size"], {}
-    )
-    print(f"{path}: {len(merged['shards'])} shard(s), complete={merged['complete']}")
+    """Rebuild manifest.json from the shards present (after job-array tasks), of a run or of
+    every run below `path`."""
+    for run_path in run_dirs_below(path):
+        manifest = store.Run(run_path).manifest
+        header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
+        merged = store.merge_manifest(
+            run_path, header, manifest["n_examples"], manifest["shard_size"], {}
+        )
+        print(f"{run_path}: {len(merged['shards'])} shard(s), complete={merged['complete']}")
     return 0

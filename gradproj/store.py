@@ -249,8 +249,8 @@ class Run:
             yield load_shard(self.path / entry["file"])
 
     def load_matrix(self) -> tuple[list[str], torch.Tensor]:
-        """All vectors of a projected run as one fp32 `[n, k]` matrix, in dataset order."""
-        if self.kind != "projected":
+        """All vectors of a projected (or params_full) run as one fp32 `[n, k]` matrix."""
+        if self.kind not in ("projected", "params_full"):
             raise UserError(f"{self.path} holds {self.kind} gradients; load_matrix needs projected")
         ids, blocks = [], []
         for shard in self.iter_shards():
@@ -351,3 +351,54 @@ def recorded_sha256(run_dir: Path, name: str) -> str | None:
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
     return next((s["sha256"] for s in shards if s["file"] == name), None)
+
+
+# --- Reading a run in bounded blocks (used by gradproj.influence) ---
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+
+
+def iter_blocks(run: Run, max_bytes: int) -> Iterator[Shard]:
+    """A run's examples in manifest order, as `Shard`s of whole examples of about `max_bytes`.
+
+    Slices are read through safetensors' lazy slicing, so a shard larger than memory is never
+    loaded whole; a block holds at least one example, however large. Full blocks carry offsets
+    that start at 0.
+    """
+    for entry in run.manifest["shards"]:
+        with safe_open(str(run.path / entry["file"]), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+            ids = [e["id"] for e in meta["examples"]]
+            index = f.get_tensor("index")
+            if "vectors" in f.keys():  # noqa: SIM118
+                yield from _vector_blocks(f.get_slice("vectors"), ids, index, max_bytes)
+            else:
+                offsets = f.get_tensor("offsets")
+                yield from _ragged_blocks(f.get_slice("values"), offsets, ids, index, max_bytes)
+
+
+def _vector_blocks(vectors, ids: list[str], index: torch.Tensor, max_bytes: int):
+    n, k = vectors.get_shape()
+    step = max(1, max_bytes // max(1, k * _DTYPE_BYTES[vectors.get_dtype()]))
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        yield Shard(ids=ids[i0:i1], index=index[i0:i1], vectors=vectors[i0:i1])
+
+
+def _ragged_blocks(values, offsets: torch.Tensor, ids: list[str], index, max_bytes: int):
+    _, hidden = values.get_shape()
+    row_bytes = hidden * _DTYPE_BYTES[values.get_dtype()]
+    bounds = offsets.tolist()
+    i0 = 0
+    while i0 < len(ids):
+        i1 = i0 + 1  # one example even when it alone exceeds the budget
+        while i1 < len(ids) and (bounds[i1 + 1] - bounds[i0]) * row_bytes <= max_bytes:
+            i1 += 1
+        rows = values[bounds[i0] : bounds[i1]]
+        yield Shard(
+            ids=ids[i0:i1],
+            index=index[i0:i1],
+            values=rows,
+            offsets=offsets[i0 : i1 + 1] - bounds[i0],
+        )
+        i0 = i1

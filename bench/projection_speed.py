@@ -1,0 +1,172 @@
+"""Seconds per example of each projection, TRAK's BasicProjector, and the matmul roofline.
+
+    python bench/projection_speed.py                       # CPU table (bench/RESULTS.md)
+    python bench/projection_speed.py --device cuda --log2-dims 24 --ks 8192,16384,204800,2048000
+
+Dense projections cost D * k per batch; where a point would take longer than --max-entries
+random entries, only the first columns are timed (the same code path: the first k' columns of
+the matrix are the k'-dim projection) and the time is scaled by k / k'. Such rows say so.
+TRAK does not scale by 1/sqrt(k): only its time is compared.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Runnable as a plain script from a checkout, without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gradproj.projection import Projector  # noqa: E402
+
+HIDDEN = 4096
+TYPES = ("rademacher", "normal", "sjlt", "kronecker")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log2-dims", default="20,24", help="log2 of D, comma-separated")
+    parser.add_argument("--ks", default="8192,16384,204800")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--roofline-batch", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=0, help="non-zero rows per example (0: all)")
+    parser.add_argument("--max-entries", type=float, default=2**32, help="dense entries timed")
+    parser.add_argument("--no-trak", action="store_true")
+    args = parser.parse_args()
+    args.trak = not args.no_trak and trak_installed()
+    return args
+
+
+def trak_installed() -> bool:
+    try:
+        import trak.projectors  # noqa: F401
+    except ImportError:
+        print("traker is not installed: TRAK rows left out (pip install --no-deps traker==0.3.2)")
+        return False
+    return True
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(function, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def matmul_rate(device: str) -> float:
+    """Measured fp32 GFLOP/s of a large square matmul (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    seconds = min(timed(lambda: a @ b, device) for _ in range(3))
+    return 2 * n**3 / seconds / 1e9
+
+
+def make_grads(d: int, batch: int, tokens: int, device: str) -> list[torch.Tensor]:
+    rows = d // HIDDEN
+    length = min(tokens, rows) if tokens else rows
+    return [torch.randn(length, HIDDEN, device=device) for _ in range(batch)]
+
+
+def dense_columns(d_used: int, k: int, max_entries: float) -> int:
+    """Columns to time: all of k, or a multiple of 512 that keeps the work near max_entries."""
+    if d_used * k <= max_entries:
+        return k
+    return max(512, int(max_entries // d_used) // 512 * 512)
+
+
+def time_ours(proj_type, shape, grads, k, max_entries, device) -> tuple[float, str]:
+    """(seconds per batch, note) for one of our projectors."""
+    d_used = grads[0].numel()
+    columns = dense_columns(d_used, k, max_entries) if proj_type in TYPES[:2] else k
+    projector = Projector(proj_type, [columns], 0, shape, device=device)
+    # Warm-up (kernels, BLAS handles) on one row, so that it costs nothing at these sizes.
+    Projector(proj_type, [64], 0, shape, device=device).project_batch([grads[0][:1]])
+    seconds = timed(lambda: projector.project_batch(grads), device)
+    if columns == k:
+        return seconds, ""
+    return seconds * k / columns, f"timed {columns} of {k} columns"
+
+
+def time_trak(proj_type, grads, k, device) -> tuple[float, str]:
+    """(seconds per batch, note) for TRAK's BasicProjector: two 100-column blocks, scaled."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    flat = torch.stack([g.reshape(-1) for g in grads])
+    projector = BasicProjector(
+        grad_dim=flat.shape[1],
+        proj_dim=200,
+        seed=0,
+        proj_type=ProjectionType(proj_type),
+        device=device,
+    )
+    seconds = timed(lambda: projector.project(flat, model_id=0), device)
+    return seconds * k / 200, f"timed 200 of {k} columns"
+
+
+def print_row(d, k, method, seconds, batch, rate, note):
+    per_example = seconds / batch
+    roofline = ""
+    if method in TYPES[:2]:
+        share = 2 * batch * d * k / seconds / 1e9 / rate
+        roofline = f"{100 * share:5.1f}%"
+    print(f"| {d:>10} | {k:>8} | {method:<10} | {per_example:12.5f} | {roofline:>8} | {note} |")
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device
+    rate = matmul_rate(device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(f"measured fp32 matmul rate: {rate:.1f} GFLOP/s")
+    ks = [int(k) for k in args.ks.split(",")]
+    header = "| D | k | method | s / example | roofline | note |"
+    print(header)
+    print("|---:|---:|---|---:|---:|---|")
+    for log2_d in (int(x) for x in args.log2_dims.split(",")):
+        d = 2**log2_d
+        shape = (d // HIDDEN, HIDDEN)
+        grads = make_grads(d, args.batch, args.tokens, device)
+        d_used = grads[0].numel()
+        for k in ks:
+            for proj_type in TYPES:
+                if proj_type == "normal" and k > 2**25:
+                    continue
+                seconds, note = time_ours(proj_type, shape, grads, k, args.max_entries, device)
+                print_row(d_used, k, proj_type, seconds, args.batch, rate, note)
+            for proj_type in ("rademacher", "normal"):
+                if not args.trak:
+                    continue
+                seconds, note = time_trak(proj_type, grads, k, device)
+                print_row(d_used, k, f"trak-{proj_type[:3]}", seconds, args.batch, rate, note)
+        del grads
+    roofline_point(args, rate)
+
+
+def roofline_point(args, rate) -> None:
+    """Dense rademacher at the roofline batch, D = 2**20 (all rows), k = 8192."""
+    d, k, batch = 2**20, 8192, args.roofline_batch
+    grads = make_grads(d, batch, args.tokens, args.device)
+    d_used = grads[0].numel()
+    seconds, note = time_ours(
+        "rademacher", (d // HIDDEN, HIDDEN), grads, k, args.max_entries, args.device
+    )
+    print(f"roofline at batch {batch}:")
+    print_row(d_used, k, "rademacher", seconds, batch, rate, note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""--target params: per-example weight gradients of chosen linear layers, exact or projected.
+
+A stage between `projection` and `store`: it drives the hooks of `gradients` and the seeded
+generator of `projection`. Three kinds of output, any of them in one pass:
+
+- ("kronecker", "k_out x k_in"): per layer vec(A^T G B) / sqrt(k_out k_in) with seeded Gaussian
+  A [d_out, k_out], B [d_in, k_in], computed from the hooks without forming G; the per-layer
+  vectors are concatenated (n_layers * k_out * k_in numbers).
+- ("rademacher" | "normal" | "sjlt", k): the exact per-example gradient of all chosen layers,
+  flattened and concatenated (D numbers), formed one batch at a time and projected to k by the
+  dense or sparse engine: one k-vector summed over layers, as LESS does.
+- "full": the exact D-vector itself.
+
+Each is scaled so that inner products are unbiased estimates of the exact ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gradproj.errors import UserError
+from gradproj.gradients import (
+    capture_linear_layers,
+    kronecker_linear_projections,
+    linear_modules,
+    projected_outer_sum,
+)
+from gradproj.projection import (
+    GENERATOR,
+    Projector,
+    _default_memory_gb,
+    parse_kronecker_dim,
+    random_block,
+)
+
+KRONECKER = "kronecker"
+BYTES_FP32 = 4
+
+
+def module_stream(name: str, side: str) -> int:
+    """Generator stream of one factor ("left" A or "right" B) of one layer.
+
+    A hash of the layer's name, so that a layer's matrices do not depend on which other
+    layers were chosen; streams of the dense engine are small integers and never collide.
+    """
+    digest = hashlib.sha256(f"gradproj-params\0{side}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def kronecker_factors(
+    seed: int, name: str, d_out: int, d_in: int, k_out: int, k_in: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [d_out, k_out], B [d_in, k_in]) fp32 N(0, 1); first columns of wider ones."""
+    left = random_block("normal", seed, module_stream(name, "left"), 0, d_out, 0, k_out, device)
+    right = random_block("normal", seed, module_stream(name, "right"), 0, d_in, 0, k_in, device)
+    return left, right
+
+
+@dataclass
+class ParamsExample:
+    """One example's outputs: {(proj_type, k) or "full": fp32 vector} and its gradient norm."""
+
+    norm: float
+    vectors: dict
+
+
+@dataclass
+class Layer:
+    name: str
+    d_out: int
+    d_in: int
+    offset: int  # where the layer's weight gradient starts in the exact D-vector
+
+    @property
+    def size(self) -> int:
+        return self.d_out * self.d_in
+
+
+class ParamsTarget:
+    """What one extraction pass computes for --target params, and how the manifest says so."""
+
+    def __init__(
+        self,
+        model,
+        patterns,
+        include_lm_head: bool,
+        outputs: list,
+        seed: int,
+        device,
+        memory_gb: float | None = None,
+        batch_tokens: int = 8192,
+        shard_examples: int = 1000,
+    ):
+        self.modules = linear_modules(model, patterns, include_lm_head)
+        self.layers, offset = [], 0
+        for name, module in self.modules:
+            d_out, d_in = module.weight.shape
+            self.layers.append(Layer(name, d_out, d_in, offset))
+            offset += d_out * d_in
+        self.dim = offset
+        self.seed, self.device = int(seed), torch.device(device)
+        self.memory_gb = memory_gb if memory_gb is not None else _default_memory_gb(self.device)
+        self.want_full = "full" in outputs
+        self.kronecker = {
+            out[1]: parse_kronecker_dim(out[1])
+            for out in outputs
+            if out != "full" and out[0] == KRONECKER
+        }
+        dense = {}
+        for out in outputs:
+            if out != "full" and out[0] != KRONECKER:
+                dense.setdefault(out[0], []).append(out[1])
+        self.projectors = {
+            proj_type: Projector(proj_type, dims, seed, (1, self.dim), device, self.memory_gb)
+            for proj_type, dims in dense.items()
+        }
+        self.factors = self._factors()
+        self._chunk = self._check_memory(batch_tokens, shard_examples)
+
+    def _factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if not self.kronecker:
+            return {}
+        k_out = max(k for k, _ in self.kronecker.values())
+        k_in = max(k for _, k in self.kronecker.values())
+        return {
+            layer.name: kronecker_factors(
+                self.seed, layer.name, layer.d_out, layer.d_in, k_out, k_in, self.device
+            )
+            for layer in self.layers
+        }
+
+    @property
+    def exact(self) -> bool:
+        """Whether the exact per-example gradient is formed (full or dense outputs)."""
+        return self.want_full or bool(self.projectors)
+
+    def _check_memory(self, batch_tokens: int, shard_examples: int) -> int:
+        """Examples whose exact gradients are formed at once; refuses, with the numbers, a
+        dense or full run whose estimated memory exceeds the budget."""
+        if not self.exact:
+            return 0
+        budget = self.memory_gb * 2**30
+        activations = batch_tokens * sum(la.d_in + la.d_out for la in self.layers) * BYTES_FP32
+        example = self.dim * BYTES_FP32
+        if activations + example > budget / 2:
+            raise UserError(
+                f"--target params with a dense projection or the full gradient forms each "
+                f"example's gradient of {self.dim:,} weights ({example / 2**30:.2f} GiB) and keeps "
+                f"{activations / 2**30:.2f} GiB of layer activations for --batch_tokens "
+                f"{batch_tokens}: more than half of the {self.memory_gb:g} GiB budget. Use "
+                "--proj_type kronecker, fewer --modules, a lower --batch_tokens or a higher "
+                "--proj_memory_gb (dense projections suit small layers or LoRA-sized models)"
+            )
+        shard = shard_examples * example
+        if self.want_full and shard > budget:
+            raise UserError(
+                f"the full parameter gradient ({self.dim:,} weights) of {shard_examples} examples "
+                f"per shard needs {shard / 2**30:.2f} GiB, more than the {self.memory_gb:g} GiB "
+                "budget: lower --gradients_per_file, choose fewer --modules or raise "
+                "--proj_memory_gb"
+            )
+        return max(1, int((budget / 2 - activations) // example))
+
+    def key(self, output):
+        """The key of an output's vectors: "full" or (proj_type, length of one module's k)."""
+        if output == "full":
+            return "full"
+        proj_type, dim = output
+        if proj_type == KRONECKER:
+            k_out, k_in = parse_kronecker_dim(dim)
+            return (proj_type, k_out * k_in)
+        return (proj_type, int(dim))
+
+    def width(self, output) -> int:
+        """Length of one example's vector for this output."""
+        key = self.key(output)
+        if key == "full":
+            return self.dim
+        return key[1] * len(self.layers) if key[0] == KRONECKER else key[1]
+
+    def batch(self, model, batch, causal: bool, pad_id: int) -> list[ParamsExample]:
+        """Every requested output of each example of one batch."""
+        if self.exact:
+            return self._exact_batch(model, batch, causal, pad_id)
+        projected = kronecker_linear_projections(
+            model, batch, causal, pad_id, self.modules, self.factors
+        )
+        vectors = self.kronecker_vectors(projected)
+        # Without the exact gradient, the recorded norm is that of the widest projection
+        # (an unbiased estimate of the squared norm; the manifest says "grad_norm": "projected").
+        widest = max(vectors, key=lambda k: k[1])
+        return [
+            ParamsExample(
+                float(vectors[widest][i].double().norm()), {k: v[i] for k, v in vectors.items()}
+            )
+            for i in range(len(batch))
+        ]
+
+    def kronecker_vectors(self, projected: dict[str, torch.Tensor]) -> dict:
+        """{("kronecker", k): fp32 CPU [B, n_layers * k]}, each layer's block scaled 1/sqrt(k)."""
+        vectors = {}
+        for k_out, k_in in self.kronecker.values():
+            blocks = [projected[la.name][:, :k_out, :k_in].flatten(1) for la in self.layers]
+            vectors[KRONECKER, k_out * k_in] = (
+                torch.cat(blocks, 1) / math.sqrt(k_out * k_in)
+            ).cpu()
+        return vectors
+
+    def _exact_batch(self, model, batch, causal, pad_id) -> list[ParamsExample]:
+        captured = capture_linear_layers(model, batch, causal, pad_id, self.modules)
+        results = []
+        for start in range(0, len(batch), self._chunk):
+            rows = slice(start, min(start + self._chunk, len(batch)))
+            grads = captured.weight_gradients(rows)
+            vectors = {"full": grads.cpu()} if self.want_full else {}
+            for proj_type, projector in self.projectors.items():
+                for k, matrix in projector.project_batch([g[None] for g in grads]).items():
+                    vectors[proj_type, k] = matrix
+            if self.kronecker:
+                vectors |= self.kronecker_vectors(self._projected_from(captured, rows))
+            norms = grads.double().norm(dim=1).tolist()
+            results += [
+                ParamsExample(norm, {k: v[i] for k, v in vectors.items()})
+                for i, norm in enumerate(norms)
+            ]
+        return results
+
+    def _projected_from(self, captured, rows: slice) -> dict[str, torch.Tensor]:
+        projected = {}
+        for layer in self.layers:
+            left, right = self.factors[layer.name]
+            delta = captured.output_grads.get(layer.name)
+            x = captured.inputs[layer.name][rows]
+            if delta is None:
+                projected[layer.name] = x.new_zeros(x.shape[0], left.shape[1], right.shape[1])
+            else:
+                projected[layer.name] = projected_outer_sum(delta[rows], x, left, right)
+        return projected
+
+    def stack(self, examples: list[ParamsExample], outputs) -> dict:
+        """{key: fp32 [n, width]} for every output, also when no example is left."""
+        stacked = {}
+        for output in outputs:
+            key = self.key(output)
+            if examples:
+                stacked[key] = torch.stack([e.vectors[key] for e in examples])
+            else:
+                stacked[key] = torch.zeros(0, self.width(output))
+        return stacked
+
+    def header_for(self, output) -> dict:
+        """Manifest fields of one output: kind, projection, layers and their slices."""
+        layers = [
+            {"name": la.name, "d_out": la.d_out, "d_in": la.d_in,
+             "grad_slice": [la.offset, la.offset + la.size]}
+            for la in self.layers
+        ]  # fmt: skip
+        common = {
+            "params_dim": self.dim,
+            "grad_norm": "exact" if self.exact else "projected",
+        }
+        if output == "full":
+            for entry in layers:
+                entry["slice"] = entry["grad_slice"]
+            return common | {"kind": "params_full", "projection": None, "modules": layers}
+        proj_type, dim = output
+        if proj_type != KRONECKER:
+            projection = self.projectors[proj_type].describe() | {"dim": dim}
+            return common | {"kind": "projected", "projection": projection, "modules": layers}
+        return common | {
+            "kind": "projected",
+            "projection": self._kronecker_description(dim, layers),
+            "modules": layers,
+        }
+
+    def _kronecker_description(self, dim, layers: list[dict]) -> dict:
+        k_out, k_in = parse_kronecker_dim(dim)
+        k = k_out * k_in
+        for i, entry in enumerate(layers):
+            entry |= {
+                "slice": [i * k, (i + 1) * k],
+                "k_out": k_out,
+                "k_in": k_in,
+                "stream_left": module_stream(entry["name"], "left"),
+                "stream_right": module_stream(entry["name"], "right"),
+            }
+        return {
+            "type": KRONECKER,
+            "dim": dim,
+            "per_module": [k_out, k_in],
+            "total_dim": k * len(layers),
+            "seed": self.seed,
+            "generator": dict(GENERATOR),
+            "factors": "A = random_block('normal', seed, stream_left, 0, d_out, 0, k_out), "
+            "B likewise with stream_right and d_in, k_in; block = vec(A^T G B) row-major",
+            "scale": "1/sqrt(k_out * k_in) per module",
+        }

@@ -1,0 +1,563 @@
+"""Seeded random projections of per-example gradients: dense, sparse JL and Kronecker.
+
+Every random number is a pure function of (seed, stream, row, column) through a counter-based
+generator (splitmix64's output function applied to a packed counter), written with torch
+integer ops, so the matrix is the same on every device, for every chunking and batch size, and
+the first k columns of a wide matrix are the matrix for k (prefix consistency).
+
+Outputs are scaled so that projected inner products are unbiased estimates of the full ones.
+"""
+
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from gradproj.errors import UserError
+
+PROJ_TYPES = ("rademacher", "normal", "sjlt", "kronecker")
+DENSE_TYPES = ("rademacher", "normal")
+GENERATOR = {"name": "splitmix64-counter", "version": 1}
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+# The counter packs (row, column word) as row << 24 | word: injective, so no two entries of one
+# stream share a counter, as long as row < 2**39 and word < 2**24.
+_WORD_BITS = 24
+_MAX_ROW = 1 << (63 - _WORD_BITS)
+_MAX_WORD = 1 << _WORD_BITS
+# One tag per use of the generator, so that no two uses share a stream of numbers.
+_TAGS = {"rademacher": 1, "normal": 2, "sjlt": 3, "kron_left": 4, "kron_right": 5}
+_SIGN_BITS_PER_WORD = 64
+_NORMALS_PER_WORD = 2
+_BYTES_PER_ENTRY = {"rademacher": 6, "normal": 24}
+_MAX_SJLT_S = 256
+_NORMAL_TILE_WORDS = 1 << 18
+
+
+def _to_int64(value: int) -> int:
+    """The signed 64-bit integer with the same two's-complement bits as `value` mod 2**64."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def mix64(value: int) -> int:
+    """splitmix64's output function on a Python int (the reference the torch version matches)."""
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * _MIX1) & _MASK64
+    value = ((value ^ (value >> 27)) * _MIX2) & _MASK64
+    return value ^ (value >> 31)
+
+
+def stream_key(tag: str, seed: int, stream: int) -> int:
+    """The 64-bit key of one (use, seed, stream); distinct inputs give unrelated keys."""
+    key = mix64(_TAGS[tag] * _GOLDEN)
+    key = mix64(key ^ (seed & _MASK64))
+    return mix64(key ^ mix64((stream & _MASK64) + _GOLDEN))
+
+
+def counter_hash_reference(key: int, row: int, word: int) -> int:
+    """One hash word in plain Python: splitmix64's value number (row << 24 | word) for `key`."""
+    counter = (row << _WORD_BITS) | word
+    return mix64(key + counter * _GOLDEN)
+
+
+def _shift_right_logical_(values: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the copied sign bits makes it logical.
+    return values.bitwise_right_shift(bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+class Scratch:
+    """Reusable buffers: a fresh multi-megabyte tensor costs page faults on every allocation."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
+            self._buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _mix64_(values: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function, in place on int64 (multiplication wraps mod 2**64)."""
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(values, shift, out=spare)
+        values.bitwise_xor_(spare.bitwise_and_((1 << (64 - shift)) - 1))
+        if multiplier is not None:
+            values.mul_(_to_int64(multiplier))
+    return values
+
+
+def counter_hash(
+    key: int, row0: int, row1: int, word0: int, word1: int, device, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """int64 [row1-row0, word1-word0]: hash words of rows [row0, row1) and words [word0, word1)."""
+    if not (0 <= row0 <= row1 <= _MAX_ROW and 0 <= word0 <= word1 <= _MAX_WORD):
+        raise ValueError(f"counter out of range: rows {row0}..{row1}, words {word0}..{word1}")
+    scratch = scratch or Scratch(device)
+    shape = (row1 - row0, word1 - word0)
+    rows = torch.arange(row0, row1, dtype=torch.int64, device=scratch.device)
+    words = torch.arange(word0, word1, dtype=torch.int64, device=scratch.device)
+    # key + (row << 24 | word) * golden, split so that each term is a 1-D product.
+    row_part = rows.mul_(_to_int64(_GOLDEN << _WORD_BITS)).add_(_to_int64(key))
+    word_part = words.mul_(_to_int64(_GOLDEN))
+    hashed = torch.add(
+        row_part[:, None], word_part[None, :], out=scratch.take("hash", shape, torch.int64)
+    )
+    return _mix64_(hashed, scratch.take("spare", shape, torch.int64))
+
+
+def _sign_table(device) -> torch.Tensor:
+    """fp32 [256, 8]: entry (b, t) is -1 where bit t of byte b is set, else +1."""
+    bytes_ = torch.arange(256, dtype=torch.int64)[:, None]
+    bits = torch.arange(8, dtype=torch.int64)[None, :]
+    return (1 - 2 * ((bytes_ >> bits) & 1)).to(torch.float32).to(device)
+
+
+_SIGN_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _cached_sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    name = (str(device), dtype)
+    if name not in _SIGN_TABLES:
+        _SIGN_TABLES[name] = _sign_table(device).to(dtype)
+    return _SIGN_TABLES[name]
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, 8 * n]: byte b of word w (bits 8b..8b+7) at position 8w + b."""
+    if sys.byteorder == "little":
+        return words.contiguous().view(torch.uint8)
+    shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=words.device)
+    return ((words[..., None] >> shifts) & 255).to(torch.uint8).flatten(-2)
+
+
+def _rademacher_words(
+    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
+) -> None:
+    """Write +-1 into out [rows, 64 * words]: entry (i, 64w + t) is -1 iff bit t of word w is set.
+
+    One 64-bit hash serves 64 entries, and a byte-to-8-signs table lookup replaces per-bit
+    arithmetic, which is what makes sign generation cheaper than the matmul it feeds.
+    """
+    words = counter_hash(key, row0, row1, word0, word1, out.device, scratch)
+    bytes_ = _words_to_bytes(words)
+    byte_index = scratch.take("byte_index", bytes_.shape, torch.int32).copy_(bytes_)
+    table = _cached_sign_table(out.device, out.dtype)
+    torch.index_select(table, 0, byte_index.view(-1), out=out.view(-1, 8))
+
+
+def _normal_words(
+    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
+) -> None:
+    """Write N(0, 1) into out [rows, 2 * words] by Box-Muller, one hash word per pair.
+
+    Entry (i, 2m) is r cos(theta) and (i, 2m + 1) is r sin(theta), with u1 from bits 41..63
+    (odd numerator, so 0 < u1 < 1 exactly in fp32) and theta from bits 0..23 of word m.
+    """
+    # Tiles of a few MiB keep the dozen passes over the intermediates inside the cache.
+    tile_words = _NORMAL_TILE_WORDS if out.device.type == "cpu" else _MAX_ROW
+    tile_rows = max(1, tile_words // max(1, word1 - word0))
+    for start in range(row0, row1, tile_rows):
+        stop = min(start + tile_rows, row1)
+        tile = out[start - row0 : stop - row0]
+        _normal_tile(key, start, stop, word0, word1, tile, scratch)
+
+
+def _normal_tile(
+    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
+) -> None:
+    words = counter_hash(key, row0, row1, word0, word1, out.device, scratch)
+    bits = scratch.take("spare", words.shape, torch.int64)
+    radius = scratch.take("radius", words.shape, torch.float32)
+    theta = scratch.take("theta", words.shape, torch.float32)
+    trig = scratch.take("trig", words.shape, torch.float32)
+    torch.bitwise_right_shift(words, 41, out=bits)
+    radius.copy_(bits.bitwise_and_((1 << 23) - 1).mul_(2).add_(1))
+    radius.mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
+    theta.copy_(words.bitwise_and_((1 << 24) - 1)).mul_(2 * math.pi * 2.0**-24)
+    pairs = out.view(out.shape[0], -1, 2)
+    torch.mul(radius, torch.cos(theta, out=trig), out=pairs[..., 0])
+    torch.mul(radius, torch.sin(theta, out=trig), out=pairs[..., 1])
+
+
+_FILL = {"rademacher": (_rademacher_words, _SIGN_BITS_PER_WORD), "normal": (_normal_words, 2)}
+
+
+def random_block(
+    kind: str, seed: int, stream: int, row0: int, row1: int, col0: int, col1: int, device="cpu"
+) -> torch.Tensor:
+    """fp32 [row1-row0, col1-col0] block of the random matrix of (kind, seed, stream).
+
+    Entry (i, j) is a pure function of (kind, seed, stream, i, j): +-1 for "rademacher",
+    N(0, 1) for "normal". Unscaled.
+    """
+    if kind not in _FILL:
+        raise UserError(f"unknown random matrix kind {kind!r}: use 'rademacher' or 'normal'")
+    fill, per_word = _FILL[kind]
+    word0, word1 = col0 // per_word, -(-col1 // per_word)
+    block = torch.empty(row1 - row0, (word1 - word0) * per_word, device=device)
+    fill(stream_key(kind, seed, stream), row0, row1, word0, word1, block, Scratch(device))
+    skip = col0 - word0 * per_word
+    return block[:, skip : skip + col1 - col0].contiguous()
+
+
+def parse_kronecker_dim(spec: str | int) -> tuple[int, int]:
+    """(k1, k2) from "k1xk2", or the most balanced factorization k1 <= k2 of an int k."""
+    text = str(spec).strip().lower()
+    try:
+        if "x" in text:
+            k1, k2 = (int(part) for part in text.split("x"))
+        else:
+            k1, k2 = _balanced_factors(int(text))
+    except ValueError:
+        raise UserError(f"bad kronecker dim {spec!r}: give an integer k or 'k1xk2'") from None
+    if k1 < 1 or k2 < 1:
+        raise UserError(f"bad kronecker dim {spec!r}: factors must be at least 1")
+    return k1, k2
+
+
+def _balanced_factors(k: int) -> tuple[int, int]:
+    if k < 1:
+        raise ValueError
+    k1 = math.isqrt(k)
+    while k % k1:
+        k1 -= 1
+    return k1, k // k1
+
+
+def _fitting_factors(k: int, rows: int, cols: int) -> tuple[int, int] | None:
+    """The most balanced (k1, k2) with k1 * k2 = k, k1 <= rows and k2 <= cols, or None."""
+    pairs = [(d, k // d) for d in range(1, math.isqrt(k) + 1) if k % d == 0]
+    pairs += [(b, a) for a, b in pairs]
+    fitting = [(a, b) for a, b in pairs if a <= rows and b <= cols]
+    return min(fitting, key=lambda ab: abs(math.log(ab[0] / ab[1])), default=None)
+
+
+def _default_memory_gb(device: torch.device) -> float:
+    """Working memory of the projector: 1 GiB on CPU, a quarter of a GPU's memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 4 / 2**30
+    return 1.0
+
+
+# Preferred block shapes: on CPU a block that fits the last-level cache with the matmul
+# reading it; on CUDA large blocks, so that kernel launches do not dominate.
+_PREFERRED_BLOCK = {"cpu": (1024, 4096), "cuda": (16384, 65536)}
+_SJLT_BLOCK_ROWS = 1 << 20
+
+
+class Projector:
+    """Projects ragged per-example gradients [len_i, cols] of a [rows, cols] layout to k dims."""
+
+    def __init__(
+        self,
+        proj_type: str,
+        dims: Sequence[int | str],
+        seed: int,
+        shape: tuple[int, int],
+        device="cpu",
+        memory_gb: float | None = None,
+        sjlt_s: int = 1,
+    ):
+        if proj_type not in PROJ_TYPES:
+            raise UserError(f"unknown projection type {proj_type!r}: use one of {PROJ_TYPES}")
+        self.proj_type = proj_type
+        self.seed = int(seed)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.device = torch.device(device)
+        self.memory_gb = memory_gb if memory_gb is not None else _default_memory_gb(self.device)
+        self.sjlt_s = int(sjlt_s)
+        self.factors = self._parse_dims(dims)
+        self.dims = sorted(self.factors)
+        self._check_arguments()
+        preferred_rows, preferred_cols = _PREFERRED_BLOCK[self.device.type]
+        self.block_rows, self.block_cols = self._block_shape(preferred_rows, preferred_cols)
+        self.sjlt_block_rows = _SJLT_BLOCK_ROWS
+
+    def _parse_dims(self, dims: Sequence[int | str]) -> dict[int, tuple[int, int] | None]:
+        if isinstance(dims, int | str):
+            dims = [dims]
+        if not dims:
+            raise UserError("no projection dim given: pass at least one, e.g. --proj_dim 8192")
+        factors: dict[int, tuple[int, int] | None] = {}
+        for spec in dims:
+            if self.proj_type == "kronecker":
+                k1, k2 = self._kronecker_factors(spec)
+                factors[k1 * k2] = (k1, k2)
+            else:
+                factors[_parse_int_dim(spec)] = None
+        return factors
+
+    def _kronecker_factors(self, spec: int | str) -> tuple[int, int]:
+        rows, cols = self.shape
+        if "x" in str(spec).lower():
+            k1, k2 = parse_kronecker_dim(spec)
+            if k1 <= rows and k2 <= cols:
+                return k1, k2
+            raise UserError(
+                f"kronecker dim {spec} does not fit the gradient shape {rows}x{cols}: "
+                f"need k1 <= {rows} and k2 <= {cols}"
+            )
+        k = _parse_int_dim(spec)
+        fitting = _fitting_factors(k, rows, cols)
+        if fitting is None:
+            raise UserError(
+                f"kronecker dim {k} has no factorization k1*k2 with k1 <= {rows} and "
+                f"k2 <= {cols}: choose a dim with such divisors (e.g. a power of 2) or 'k1xk2'"
+            )
+        return fitting
+
+    def _check_arguments(self) -> None:
+        rows, cols = self.shape
+        if rows < 1 or cols < 1:
+            raise UserError(f"bad gradient shape {self.shape}: both sizes must be at least 1")
+        if self.memory_gb <= 0:
+            raise UserError(f"--proj_memory_gb must be positive, got {self.memory_gb}")
+        if not 1 <= self.sjlt_s <= _MAX_SJLT_S:
+            raise UserError(f"sjlt s must be in 1..{_MAX_SJLT_S}, got {self.sjlt_s}")
+        if self.proj_type == "normal" and self.dims[-1] > _MAX_WORD * _NORMALS_PER_WORD:
+            raise UserError(f"normal projection dim at most {_MAX_WORD * 2}, got {self.dims[-1]}")
+        if rows * cols > _MAX_ROW:
+            raise UserError(f"gradient of {rows * cols} coordinates exceeds 2**39")
+
+    def _block_shape(self, preferred_rows: int, preferred_cols: int) -> tuple[int, int]:
+        """Block of the random matrix generated at once: as preferred, shrunk to the budget."""
+        budget = self.memory_gb * 2**30
+        per_entry = _BYTES_PER_ENTRY.get(self.proj_type, 0)
+        cols = min(preferred_cols, _round_up(self.dims[-1], _SIGN_BITS_PER_WORD))
+        rows = max(1, min(preferred_rows, self.shape[0] * self.shape[1]))
+        while per_entry and rows * cols * per_entry > budget / 2 and rows > 64:
+            rows //= 2
+        while per_entry and rows * cols * per_entry > budget / 2 and cols > 64:
+            cols //= 2
+        return rows, cols
+
+    def describe(self) -> dict:
+        """JSON-able description of the projection, for the manifest."""
+        description = {
+            "type": self.proj_type,
+            "dims": self.dims,
+            "seed": self.seed,
+            "shape": list(self.shape),
+            "generator": dict(GENERATOR),
+            "scale": "1/sqrt(s)" if self.proj_type == "sjlt" else "1/sqrt(k)",
+        }
+        if self.proj_type == "sjlt":
+            description["s"] = self.sjlt_s
+        if self.proj_type == "kronecker":
+            description["factorization"] = {str(k): list(f) for k, f in self.factors.items()}
+        return description
+
+    def project_batch(self, grads: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{k: fp32 CPU [B, k]} for every k in dims, each scaled so that E<Pa, Pb> = <a, b>."""
+        flats = [self._flatten(grad) for grad in grads]
+        self._check_budget(len(flats))
+        if self.proj_type in DENSE_TYPES:
+            return self._project_dense(flats)
+        if self.proj_type == "sjlt":
+            return {k: self._project_sjlt(flats, k) for k in self.dims}
+        return {k: self._project_kronecker(grads, k) for k in self.dims}
+
+    def _flatten(self, grad: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.shape
+        if grad.dim() != 2 or grad.shape[1] != cols or grad.shape[0] > rows:
+            raise ValueError(f"gradient of shape {tuple(grad.shape)} does not fit {self.shape}")
+        return grad.reshape(-1)
+
+    def _check_budget(self, batch: int) -> None:
+        output_gb = batch * self.dims[-1] * 4 / 2**30
+        if output_gb > self.memory_gb / 2:
+            raise UserError(
+                f"projecting {batch} examples to {self.dims[-1]} dims needs {output_gb:.2f} GiB "
+                f"for the output alone: raise --proj_memory_gb above {2 * output_gb:.2f}"
+            )
+
+    def _chunk(self, flats: list[torch.Tensor], row0: int, row1: int) -> torch.Tensor:
+        """fp32 [len(flats), row1-row0] on the device: coordinates row0..row1, zero past the end."""
+        chunk = torch.zeros(len(flats), row1 - row0, device=self.device)
+        for i, flat in enumerate(flats):
+            piece = flat[row0:row1]
+            chunk[i, : piece.numel()] = piece.to(self.device, torch.float32)
+        return chunk
+
+    def _by_length(self, flats: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Example order, longest first, and each one's length in that order."""
+        order = sorted(range(len(flats)), key=lambda i: -flats[i].numel())
+        return order, [flats[i].numel() for i in order]
+
+    def _project_dense(self, flats: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        k_max = self.dims[-1]
+        full = self._dense_columns(flats, k_max)
+        return {k: full[:, :k] / math.sqrt(k) for k in self.dims}
+
+    def _dense_columns(self, flats: list[torch.Tensor], k: int) -> torch.Tensor:
+        """fp32 CPU [B, k]: the unscaled product of each gradient with the first k columns."""
+        order, lengths = self._by_length(flats)
+        ordered = [flats[i] for i in order]
+        out = torch.zeros(len(flats), k, device=self.device)
+        fill, per_word = _FILL[self.proj_type]
+        key = stream_key(self.proj_type, self.seed, 0)
+        exact_bf16 = self._use_exact_bf16()
+        block_dtype = torch.bfloat16 if exact_bf16 else torch.float32
+        block = torch.empty(
+            self.block_rows * self.block_cols, device=self.device, dtype=block_dtype
+        )
+        scratch = Scratch(self.device)
+        longest = lengths[0] if lengths else 0
+        for row0 in range(0, longest, self.block_rows):
+            row1 = min(row0 + self.block_rows, longest)
+            # Rows past an example's length are zero: leave those examples out of this block.
+            active = sum(1 for length in lengths if length > row0)
+            chunk = self._chunk(ordered[:active], row0, row1)
+            pieces = _split_bf16(chunk) if exact_bf16 else None
+            for col0 in range(0, k, self.block_cols):
+                col1 = min(col0 + self.block_cols, k)
+                words = (col0 // per_word, -(-col1 // per_word))
+                width = (words[1] - words[0]) * per_word
+                matrix = block[: (row1 - row0) * width].view(row1 - row0, width)
+                fill(key, row0, row1, words[0], words[1], matrix, scratch)
+                if exact_bf16:
+                    out[:active, col0:col1] += _exact_sign_product(pieces, matrix[:, : col1 - col0])
+                else:
+                    out[:active, col0:col1].addmm_(chunk, matrix[:, : col1 - col0])
+        result = torch.empty_like(out)
+        result[order] = out
+        return result.cpu()
+
+    def _use_exact_bf16(self) -> bool:
+        """Whether to multiply +-1 signs on tensor cores (CUDA only: CPU bf16 is no faster)."""
+        return (
+            self.proj_type == "rademacher"
+            and self.device.type == "cuda"
+            and _bf16_matmul_has_fp32_output(self.device)
+        )
+
+    def _project_sjlt(self, flats: list[torch.Tensor], k: int) -> torch.Tensor:
+        """fp32 CPU [B, k]: each coordinate added, with a random sign, to s random outputs.
+
+        Summation is a sort by output coordinate and a segment sum (no atomics), so the
+        result does not depend on the device or on thread scheduling.
+        """
+        order, lengths = self._by_length(flats)
+        ordered = [flats[i] for i in order]
+        out = torch.zeros(k, len(flats), device=self.device)
+        key = stream_key("sjlt", self.seed, 0)
+        longest = lengths[0] if lengths else 0
+        step = self._sjlt_rows(len(flats))
+        for row0 in range(0, longest, step):
+            row1 = min(row0 + step, longest)
+            active = sum(1 for length in lengths if length > row0)
+            chunk = self._chunk(ordered[:active], row0, row1)
+            out[:, :active] += self._sjlt_block(key, chunk, row0, row1, k)
+        result = torch.empty(len(flats), k, device=self.device)
+        result[order] = out.T / math.sqrt(self.sjlt_s)
+        return result.cpu()
+
+    def _sjlt_rows(self, batch: int) -> int:
+        """Coordinates per sjlt block: the budget holds the chunk, its copies and the hashes."""
+        per_row = 4 * batch * (2 + self.sjlt_s) + 40 * self.sjlt_s
+        return max(1, min(self.sjlt_block_rows, int(self.memory_gb * 2**30 / 2 / per_row)))
+
+    def _sjlt_block(self, key: int, chunk: torch.Tensor, row0: int, row1: int, k: int):
+        """fp32 [k, active]: the unscaled sketch of coordinates row0..row1."""
+        buckets, negative = sjlt_hash(key, row0, row1, self.sjlt_s, k, self.device)
+        buckets, perm = torch.sort(buckets.view(-1), stable=True)
+        coordinate = perm // self.sjlt_s
+        values = chunk.T.contiguous().index_select(0, coordinate)
+        sign = 1 - 2 * negative.view(-1)[perm].to(torch.float32)
+        values.mul_(sign[:, None])
+        counts = torch.bincount(buckets, minlength=k)
+        return torch.segment_reduce(values, "sum", lengths=counts, axis=0)
+
+    def _project_kronecker(self, grads: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """fp32 CPU [B, k]: vec(A^T G B) / sqrt(k) with A [rows, k1], B [cols, k2] Gaussian."""
+        k1, k2 = self.factors[k]
+        rows, cols = self.shape
+        left = kronecker_factor("kron_left", self.seed, rows, k1, self.device)
+        right = kronecker_factor("kron_right", self.seed, cols, k2, self.device)
+        out = torch.empty(len(grads), k)
+        for i, grad in enumerate(grads):
+            grad = grad.to(self.device, torch.float32)
+            # Only the first len_i rows of A meet a non-zero row of G.
+            product = left[: grad.shape[0]].T @ (grad @ right)
+            out[i] = product.reshape(-1).cpu()
+        return out / math.sqrt(k)
+
+
+def _split_bf16(chunk: torch.Tensor) -> torch.Tensor:
+    """bf16 [3 * rows, cols] hi, mid, lo with hi + mid + lo == chunk to ~2**-24 relative."""
+    hi = chunk.to(torch.bfloat16)
+    rest = chunk - hi.float()  # exact: a float minus its rounding
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return torch.cat([hi, mid, lo])
+
+
+def _exact_sign_product(pieces: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """fp32 [rows, cols]: (hi + mid + lo) @ signs, each bf16 product exact, fp32 accumulation.
+
+    +-1 is exact in bf16 and an fp32 value is exactly three bf16 pieces, so three tensor-core
+    products summed in fp32 equal an fp32 matmul up to fp32 rounding, at bf16 speed.
+    """
+    products = torch.mm(pieces, signs, out_dtype=torch.float32)
+    hi, mid, lo = products.chunk(3)
+    return hi + (mid + lo)
+
+
+_BF16_FP32_OUTPUT: dict[str, bool] = {}
+
+
+def _bf16_matmul_has_fp32_output(device: torch.device) -> bool:
+    """Whether this torch can multiply bf16 matrices into an fp32 result (torch.mm out_dtype)."""
+    name = str(device)
+    if name not in _BF16_FP32_OUTPUT:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _BF16_FP32_OUTPUT[name] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _BF16_FP32_OUTPUT[name] = False
+    return _BF16_FP32_OUTPUT[name]
+
+
+def _parse_int_dim(spec: int | str) -> int:
+    try:
+        k = int(spec)
+    except (TypeError, ValueError):
+        raise UserError(f"bad projection dim {spec!r}: give a positive integer") from None
+    if k < 1:
+        raise UserError(f"bad projection dim {k}: it must be at least 1")
+    return k
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def sjlt_hash(key: int, row0: int, row1: int, s: int, k: int, device):
+    """(int64 [rows, s] output coordinate, bool [rows, s] negative sign) of coordinates rows.
+
+    Coordinate i's l-th copy uses hash word (i, l): the top 32 bits pick the output
+    coordinate by multiply-shift (uniform up to 2**-32), bit 0 the sign.
+    """
+    words = counter_hash(key, row0, row1, 0, s, device).clone()
+    negative = words.bitwise_and(1).bool()
+    buckets = _shift_right_logical_(words, 32).mul_(k).bitwise_right_shift_(32)
+    return buckets, negative
+
+
+def kronecker_factor(tag: str, seed: int, rows: int, k: int, device) -> torch.Tensor:
+    """fp32 [rows, k] N(0, 1) factor of the Kronecker projection."""
+    words = -(-k // _NORMALS_PER_WORD)
+    block = torch.empty(rows, words * _NORMALS_PER_WORD, device=device)
+    _normal_words(stream_key(tag, seed, 0), 0, rows, 0, words, block, Scratch(device))
+    return block[:, :k].contiguous()
