@@ -58,7 +58,7 @@ def all_scores(test, train):
 def write_score_dir(path, scores, train_ids, test_ids, projection):
     """A score directory as score_influence.py writes it (docs/CONTRACTS.md)."""
     path.mkdir(parents=True)
-    metadata = {"train_ids": json.dumps(train_ids), "test_ids": json.dumps(test_ids)}
+    metadata = {"gradproj": json.dumps({"train_ids": train_ids, "test_ids": test_ids})}
     save_file(
         {k: np.ascontiguousarray(v) for k, v in scores.items()},
         str(path / "scores.safetensors"),

@@ -59,7 +59,8 @@ def load_score_dir(path: str | Path) -> ScoreDir:
             )
     summary = _read_json(summary_path)
     with safe_open(str(scores_path), framework="np") as f:
-        metadata = f.metadata() or {}
+        # score_influence.py writes one metadata key (safetensors keeps keys in hash order)
+        metadata = json.loads((f.metadata() or {}).get("gradproj", "{}"))
         scores = {name: f.get_tensor(name) for name in FUNCTIONS if name in f.keys()}  # noqa: SIM118
     if not scores:
         raise UserError(f"{scores_path} holds neither 'dot' nor 'cosine' scores")
@@ -125,7 +126,7 @@ def _check_scores(score_dir: ScoreDir, name: str, matrix: np.ndarray) -> None:
 def _json_list(metadata: dict, key: str, path: Path) -> list[str]:
     if key not in metadata:
         raise UserError(f"{path} has no '{key}' metadata; rescore with score_influence.py")
-    return [str(x) for x in json.loads(metadata[key])]
+    return [str(x) for x in metadata[key]]
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,65 @@
+"""The demo pipeline end to end on the real bundled model (cut down), and the notebooks on it."""
+
+import os
+import subprocess
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = os.environ | {
+        "DEMO_OUTPUT": str(out),
+        "DEMO_MAX_SEQ_LENGTH": "112",
+        "DEMO_DIMS": "16,4096",
+        "DEMO_TYPES": "rademacher",
+        "DEMO_LIMIT": "20",
+        "DEMO_SKIP_SETUP": "1",
+    }
+    proc = subprocess.run(
+        ["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_report_with_plausible_agreement(demo_output):
+    out, stdout = demo_output
+    assert (out / "report" / "report.md").is_file()
+    assert list((out / "report").glob("*.png"))
+    summary = pd.read_csv(out / "report" / "summary.csv")
+    tau = summary[(summary.comparison == "reference") & (summary.metric == "kendall_tau")]
+    for function in ("dot", "cosine"):
+        by_dim = tau[tau.function == function].set_index("dim")["median"]
+        assert by_dim[4096] > by_dim[16], function
+        assert 0.5 < by_dim[4096] <= 1.0
+    assert "source_top1" in stdout and "report:" in stdout
+
+
+def test_demo_skips_the_truncated_long_examples(demo_output):
+    from gradproj.store import Run
+
+    out, _ = demo_output
+    run = Run(out / "gradients" / "full" / "smollm2-135m-instruct" / "train" / "train" / "0")
+    assert "train_long_1" in {s["id"] for s in run.skipped}
+
+
+@pytest.mark.parametrize("name", ["main_results.ipynb", "datasets.ipynb"])
+def test_notebook_executes(demo_output, name, tmp_path, monkeypatch):
+    out, _ = demo_output
+    monkeypatch.setenv("GRADPROJ_SCORES", str(out / "scores"))
+    monkeypatch.setenv("GRADPROJ_NOTEBOOK_OUTPUT", str(tmp_path / "notebook"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    client = NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(REPO)}})
+    client.execute()
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
