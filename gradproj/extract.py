@@ -184,15 +184,16 @@ def task_range(cfg: ExtractConfig, n: int) -> tuple[int, int]:
     empty range n..n and exits cleanly.
     """
     if cfg.start is not None or cfg.end is not None:
-        start, end = cfg.start or 0, n if cfg.end is None else cfg.end
+        start = cfg.start or 0
+        end = max(n, start) if cfg.end is None else cfg.end
         if start < 0 or end < start:
             raise UserError(f"--start {start} / --end {end} is not a range of example indices")
         per = cfg.gradients_per_file
         aligned = tuple(min(n, -(-x // per) * per) for x in (start, end))
         if aligned != (start, min(end, n)):
             print(
-                f"examples {start}..{end} widened to whole shards of {per}: "
-                f"{aligned[0]}..{aligned[1]} (of {n})",
+                f"examples {start}..{end} rounded up to shard boundaries (multiples of {per}): "
+                f"{aligned[0]}..{aligned[1]} of {n}",
                 file=sys.stderr,
             )
         return aligned
@@ -229,9 +230,8 @@ def array_share() -> tuple[int, int] | None:
         raise UserError(f"cannot read this SLURM array task's position: {err}") from err
     if count is None:
         count = (hi - lo) // step + 1 if step > 0 else 0
-    if step < 1 or count < 1 or hi - lo != (count - 1) * step or not lo <= task <= hi or (
-        (task - lo) % step
-    ):
+    spaced = step >= 1 and count >= 1 and hi - lo == (count - 1) * step
+    if not (spaced and lo <= task <= hi and (task - lo) % step == 0):
         raise UserError(
             f"SLURM array task {task} of ids {lo}..{hi} (step {step}, {count} tasks) is not part "
             "of an evenly spaced array; submit with --array=0-N (optionally :STEP or %LIMIT), "
@@ -323,12 +323,15 @@ def run_extraction(cfg: ExtractConfig) -> int:
     if cfg.limit is not None:
         rows = rows.select(range(min(cfg.limit, len(rows))))
     start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
-    if cfg.mode == "store_mean" and (start, end) != (0, len(rows)):
+    if cfg.mode == "store_mean":
         if cfg.start is not None or cfg.end is not None:
             raise UserError("--mode store_mean averages the whole dataset: drop --start/--end")
-        if array_share()[0] != 0:
+        if (array_share() or (0,))[0] != 0:
             print("--mode store_mean averages the whole dataset: array task 0 computes it")
             return 0
+    elif start == end and len(rows) > 0:  # e.g. an array with more tasks than shards
+        print(f"examples {start}..{end}: no shard left for this task ({len(rows)} examples)")
+        return 0
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
     tokenizer = models.load_tokenizer(checkpoint)
     model = models.load_model(

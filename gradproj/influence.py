@@ -454,6 +454,9 @@ def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
         return Path(cfg.output)
     projection = train.manifest.get("projection")
     dim = str(projection["dim"]) if projection else "full"
+    if projection and projection["type"] != "rademacher":
+        # the original layout names the dim only; other types must not overwrite rademacher's
+        dim = f"{projection['type']}_{dim}"
     where = cfg.where or f"{dataset_label(train.manifest)}__{dataset_label(test.manifest)}"
     return Path("explainability") / dim / where / cfg.func
 
