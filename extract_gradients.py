@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--target",
         default="embeddings",
         help="embeddings (d loss / d input embeddings) or params (weights of linear layers;\n"
-        "projected by default, see docs/params.md)",
+        "projected by default, see the README)",
     )
     p.add_argument(
         "--modules",

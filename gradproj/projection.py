@@ -150,9 +150,21 @@ def _rademacher_words(
     """
     words = counter_hash(key, row0, row1, word0, word1, out.device, scratch)
     bytes_ = _words_to_bytes(words)
+    if out.device.type != "cpu":
+        _signs_from_bits(bytes_, out, scratch)
+        return
     byte_index = scratch.take("byte_index", bytes_.shape, torch.int32).copy_(bytes_)
     table = _cached_sign_table(out.device, out.dtype)
     torch.index_select(table, 0, byte_index.view(-1), out=out.view(-1, 8))
+
+
+def _signs_from_bits(bytes_: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+    """The same signs as the table lookup, by elementwise bit ops (a GPU gathers slowly)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
+    bits = scratch.take("bits", (bytes_.numel(), 8), torch.uint8)
+    torch.bitwise_right_shift(bytes_.reshape(-1, 1), shifts, out=bits).bitwise_and_(1)
+    minus, plus = (torch.tensor(v, dtype=out.dtype, device=out.device) for v in (-1.0, 1.0))
+    torch.where(bits.view(torch.bool), minus, plus, out=out.view(-1, 8))
 
 
 def _normal_words(

@@ -32,7 +32,13 @@ def summary_table(scores: Path, report: Path, test_data: Path) -> pd.DataFrame:
                     "source_top5": hits["top5"],
                 }
             )
-    return pd.DataFrame(table)
+    table = pd.DataFrame(table)
+    keys = {
+        "_type": table.projection.str.split("_").str[0].replace("full", ""),
+        "_dim": pd.to_numeric(table["dim"], errors="coerce"),
+    }
+    ordered = table.assign(**keys).sort_values(["_type", "_dim", "function"])
+    return ordered.drop(columns=list(keys))
 
 
 def main() -> None:

@@ -281,7 +281,7 @@ def _padded(grad):
 
 
 def _theoretical_variance(proj_type: str, s: int = 1) -> float:
-    """Var <Pa, Pb> at k = MC_K from the closed forms in docs/projection.md."""
+    """Var <Pa, Pb> at k = MC_K from the closed forms in the README (Random projections)."""
     x, y = (_padded(g) for g in _mc_pair())
     norms, dot = float((x * x).sum() * (y * y).sum()), float((x * y).sum())
     diagonal = float((x * x * y * y).sum())
@@ -364,21 +364,30 @@ def test_relative_error_shrinks_like_inverse_square_root_of_k(proj_type):
 MEMORY_BUDGET_GB = 1 / 16
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import os, resource, torch
+    import threading, time, torch
     from gradproj.projection import Projector
-    def rss_gib():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    # Anonymous memory only: pages of shared libraries (BLAS code paths) are not allocations.
+    def anon_gib():
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("RssAnon:"))
+        return int(line.split()[1]) / 2**20
+    peak, done = [0.0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_gib())
+            time.sleep(0.0005)
     grad = torch.randn(1, 256)  # one non-zero row of a [65536, 256] gradient: D = 2**24
     # 256 rows x 2**17 columns of the matrix alone would be 128 MiB, twice the budget.
     projector = Projector("rademacher", [2**17], 0, (65536, 256), memory_gb=BUDGET)
-    # Library start-up (thread pools, BLAS buffers) is not the projector's memory: warm them
-    # up on one block of the same shape, then measure what the other 31 blocks add.
+    # Warm up thread pools and BLAS buffers on one block of the same shape.
     Projector("rademacher", [4096], 0, (65536, 256)).project_batch([grad])
-    before = rss_gib()
+    before = anon_gib()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     projector.project_batch([grad])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(peak - before)
+    done.set()
+    sampler.join()
+    print(peak[0] - before)
     """
 ).replace("BUDGET", str(MEMORY_BUDGET_GB))
 

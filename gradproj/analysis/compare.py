@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
@@ -261,12 +260,9 @@ def make_projection_fn(projection: dict, dims: list[int], shape: tuple[int, int]
         raise UserError(f"--emulate_original needs gradproj.projection ({err})") from err
     projector = Projector(projection["type"], dims, int(projection["seed"]), shape, device)
 
-    def project(grads: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        # Small batches bound the memory of the projection's random blocks.
-        blocks = [projector.project_batch(grads[i : i + 8]) for i in range(0, len(grads), 8)]
-        return {k: torch.cat([b[k] for b in blocks]) for k in dims}
-
-    return project
+    # One call for all examples: the projector bounds its own memory, and each random block it
+    # generates then serves every example.
+    return projector.project_batch
 
 
 def resolve_runs(config: CompareConfig, reference: ScoreDir) -> tuple[Path | None, Path | None]:

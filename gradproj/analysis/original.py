@@ -76,6 +76,11 @@ def round_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
+def unscale(projected: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """TRAK's kernel leaves out the 1/sqrt(k) of this project's projections."""
+    return {k: v * math.sqrt(k) for k, v in projected.items()}
+
+
 def project_like_original(
     project: ProjectFn, grads: list[torch.Tensor], steps: OriginalSteps
 ) -> dict[int, torch.Tensor]:
@@ -83,9 +88,7 @@ def project_like_original(
     if steps.fp16_projection_input:
         grads = [round_fp16(g) for g in grads]
     projected = project(grads)
-    if steps.unscaled_projection:
-        projected = {k: v * math.sqrt(k) for k, v in projected.items()}
-    return projected
+    return unscale(projected) if steps.unscaled_projection else projected
 
 
 def original_scores(
@@ -203,16 +206,20 @@ def run_ablation(
         gradients.dense(gradients.train_rows),
         gradients.dense(gradients.test_rows),
     )
-    projections = {}  # (fp16_input, unscaled) -> (test {k: vecs}, train {k: vecs})
+    # Projecting is the expensive part: once per input rounding; the missing scale is a factor.
+    projections = {}  # fp16_input -> (test {k: vecs}, train {k: vecs}), scaled
     rows = []
     for name, (ref_steps, cand_steps) in variants.items():
-        key = (cand_steps.fp16_projection_input, cand_steps.unscaled_projection)
+        key = cand_steps.fp16_projection_input
         if key not in projections:
+            scaled = replace(cand_steps, unscaled_projection=False)
             projections[key] = (
-                project_like_original(project, gradients.test_rows, cand_steps),
-                project_like_original(project, gradients.train_rows, cand_steps),
+                project_like_original(project, gradients.test_rows, scaled),
+                project_like_original(project, gradients.train_rows, scaled),
             )
-        test_proj, train_proj = projections[key]
+        test_proj, train_proj = (
+            unscale(p) if cand_steps.unscaled_projection else p for p in projections[key]
+        )
         for function in functions:
             ref_scores = original_scores(full_test, full_train, function, ref_steps)
             ref_ranks = ranks_like_original(ref_scores, ref_steps)
