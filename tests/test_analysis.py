@@ -349,6 +349,25 @@ def test_ablation_without_steps_reproduces_the_direct_projection():
     np.testing.assert_allclose(rows[0].kendall, kendall_tau_b(full.numpy(), proj.numpy()))
 
 
+def test_stored_zero_gradient_changes_only_nan_sorted_cosine_rankings():
+    """The original's all-zero gradient: NaN cosine, harmless when ranked by score, and it
+    reaches the ranking only through the NaN-keyed list.sort; dot products never see a NaN."""
+    rng = torch.Generator().manual_seed(15)
+    train = [torch.randn(4, 8, generator=rng) for _ in range(60)]
+    test = [torch.randn(4, 8, generator=rng) for _ in range(4)]
+    pair = GradientPair([f"t{i}" for i in range(60)], train, ["q0", "q1", "q2", "q3"], test, 4)
+    variants = {
+        "none": (OriginalSteps(), OriginalSteps()),
+        "zero": (OriginalSteps(zero_gradient_stored=True),) * 2,
+        "zero_nan_sort": (OriginalSteps(zero_gradient_stored=True, nan_sort=True),) * 2,
+    }
+    rows = run_ablation(pair, fake_projector(16, 32), "rademacher", ("dot", "cosine"), variants)
+    tau = {(r.variant, r.function): r.kendall for r in rows}
+    np.testing.assert_allclose(tau["zero", "cosine"], tau["none", "cosine"])  # NaN dropped
+    np.testing.assert_allclose(tau["zero_nan_sort", "dot"], tau["zero", "dot"])  # no NaN
+    assert not np.allclose(tau["zero_nan_sort", "cosine"], tau["zero", "cosine"])
+
+
 # ---------------------------------------------------------------- score directories and report
 def test_alignment_reorders_candidate_to_reference_ids(score_dirs):
     full, candidates = score_dirs

@@ -11,6 +11,9 @@ ranking agreement can be measured alone and in combination (the ablation):
   `F.normalize(a.half()) @ F.normalize(b.half()).T` and dot as `a.half() @ b.half().T` (torch's
   half matmul on the tensors' device). In fp16 the eps of F.normalize underflows to 0, so an
   all-zero gradient gives NaN scores.
+- `zero_gradient_stored`: the train set holds one all-zero gradient, as the original's did (an
+  example whose assistant turn was truncated away, stored as zeros instead of skipped), placed
+  in the middle of the file order. Its cosine is NaN (exact division or fp16 F.normalize).
 - `nan_sort`: each test example's scores sorted with Python's `list.sort(key=score, reverse=True)`
   in file order (a NaN key makes the result only piecewise sorted), the NaN items dropped
   afterwards and the position in the list read as the rank.
@@ -40,6 +43,7 @@ class OriginalSteps:
     unscaled_projection: bool = False
     fp16_storage: bool = False
     fp16_scores: bool = False
+    zero_gradient_stored: bool = False
     nan_sort: bool = False
 
     @classmethod
@@ -163,6 +167,16 @@ def rank_kendall(reference_ranks: np.ndarray, candidate_ranks: np.ndarray) -> np
     return taus
 
 
+def zero_gradient_position(n_train: int) -> int:
+    return n_train // 2
+
+
+def with_zero_gradient(train: torch.Tensor) -> torch.Tensor:
+    """`[n, d]` -> `[n + 1, d]` with an all-zero row in the middle of the file order."""
+    at = zero_gradient_position(len(train))
+    return torch.cat([train[:at], train.new_zeros(1, train.shape[1]), train[at:]])
+
+
 @dataclass
 class GradientPair:
     """Full gradients of the train and test examples: ragged `[len, hidden]` rows per example."""
@@ -220,11 +234,16 @@ def run_ablation(
         test_proj, train_proj = (
             unscale(p) if cand_steps.unscaled_projection else p for p in projections[key]
         )
+        zero = cand_steps.zero_gradient_stored
         for function in functions:
-            ref_scores = original_scores(full_test, full_train, function, ref_steps)
+            ref_train = with_zero_gradient(full_train) if zero else full_train
+            ref_scores = original_scores(full_test, ref_train, function, ref_steps)
+            if zero and not ref_steps.zero_gradient_stored:  # a clean reference skips it
+                ref_scores[:, zero_gradient_position(len(full_train))] = np.nan
             ref_ranks = ranks_like_original(ref_scores, ref_steps)
             for dim in sorted(test_proj):
-                cand = original_scores(test_proj[dim], train_proj[dim], function, cand_steps)
+                train_vectors = with_zero_gradient(train_proj[dim]) if zero else train_proj[dim]
+                cand = original_scores(test_proj[dim], train_vectors, function, cand_steps)
                 cand_ranks = ranks_like_original(cand, cand_steps)
                 rows.append(
                     AblationRow(
