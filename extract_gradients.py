@@ -44,7 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--save_dtype", default="fp32", help="full gradients on disk: fp32 or bf16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--batch_tokens", type=int, default=None, help="token budget per batch (8192)")
+    p.add_argument(
+        "--batch_tokens",
+        type=int,
+        default=None,
+        help="token budget per batch (1024 on CPU, 8192 on CUDA)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--start", type=int, default=None, help="first example of this task's range")
     p.add_argument("--end", type=int, default=None, help="end (exclusive) of this task's range")

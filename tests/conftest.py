@@ -132,6 +132,19 @@ def conversations(n: int, long_every: int = 0) -> list[dict]:
     return rows
 
 
+def user_error_line(main, argv, capsys) -> str:
+    """Run a command's main as the CLI does; assert exit 2, no traceback; return the error line."""
+    from gradproj.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # progress bars aside
+    return line
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -10,8 +10,7 @@ from transformers import AutoTokenizer
 
 from extract_gradients import main
 from gradproj import data, store
-from gradproj.errors import run_cli
-from tests.conftest import REPO, conversations, write_jsonl
+from tests.conftest import REPO, conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40
 
@@ -161,13 +160,7 @@ def test_mlm_masking_is_deterministic_per_document_and_checkpoint(tiny_bert):
 
 
 def bad(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]  # progress bars aside
-    return line
+    return user_error_line(main, argv, capsys)
 
 
 def test_bad_inputs_get_one_line_and_exit_2(tiny_llama, sft_file, text_file, tmp_path, capsys):

@@ -13,9 +13,8 @@ from safetensors import safe_open
 
 from extract_gradients import main as extract_main
 from gradproj import influence, store
-from gradproj.errors import run_cli
 from score_influence import main
-from tests.conftest import REPO, conversations, write_jsonl
+from tests.conftest import REPO, conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40
 TOLERANCE = 1e-6  # max abs error relative to the score scale (max |reference score|)
@@ -124,13 +123,7 @@ def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def bad(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
-    return line
+    return user_error_line(main, argv, capsys)
 
 
 # --- Arithmetic against the fp64 reference ---

@@ -10,11 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extract_gradients import main
 from gradproj import data, store
-from gradproj.errors import run_cli
 from gradproj.gradients import capture_linear_layers, kronecker_linear_projections, linear_modules
 from gradproj.params import ParamsTarget
 from gradproj.projection import Projector
-from tests.conftest import conversations
+from tests.conftest import conversations, user_error_line
 
 MAX_LEN = 40
 MLP = ["*.mlp.*"]
@@ -173,10 +172,7 @@ def test_params_runs_record_layers_and_their_slices(tiny_llama, sft_file, tmp_pa
 
 
 def bad(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: main(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    return user_error_line(main, argv, capsys)
 
 
 def test_bad_params_options_get_one_line(tiny_llama, sft_file, tmp_path, capsys):
@@ -217,7 +213,8 @@ def test_scoring_accepts_params_runs_and_refuses_to_mix_targets(
         "--output",
         str(tmp_path / "x"),
     ]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: score(argv))
-    assert exit_info.value.code == 2
-    assert "target ('params' vs 'embeddings')" in capsys.readouterr().err
+    assert "target ('params' vs 'embeddings')" in user_error_line(score, argv, capsys)
+    extract(tiny_llama, sft_file, tmp_path / "mlp", "--target", "params", "--modules", "*.mlp.*",
+            *kron)  # fmt: skip
+    argv[3] = str(tmp_path / "mlp" / "params_kronecker_2x4" / base)
+    assert "modules" in user_error_line(score, argv, capsys)

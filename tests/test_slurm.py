@@ -5,8 +5,6 @@ shard's bytes with a direct run of extract_gradients.py. They skip, with the rea
 cluster can be started (see tests/slurm_cluster.py); the range tests need no SLURM.
 """
 
-import contextlib
-import fcntl
 import json
 import subprocess
 import sys
@@ -242,18 +240,6 @@ def test_array_of_four_tasks_equals_one_direct_run(cluster, tiny_llama, dataset,
     assert verify.stdout.count(": complete: 5 shard(s), 11 gradient(s), 2 skipped") == 2
 
 
-@contextlib.contextmanager
-def manifest_lock(run_dir: Path):
-    """Holds the run's manifest lock: the job blocks right after writing its first shard."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def stop_after_first_shard(
     cluster, tmp_path, tiny_llama, dataset, stop, sig="SIGTERM"
 ) -> tuple[str, Path]:
@@ -263,7 +249,7 @@ def stop_after_first_shard(
     has been forwarded: the stop lands mid-run whatever the machine's speed."""
     out = tmp_path / "job"
     run_dir = out / "full" / tiny_llama.name / dataset.stem / "train" / "0"
-    with manifest_lock(run_dir):
+    with store.run_lock(run_dir):  # the job blocks right after its first shard
         job, cp = cluster.submit(
             sbatch_args(tiny_llama, dataset, out, "--gradients_per_file", "1"),
             cwd=tmp_path,
