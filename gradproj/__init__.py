@@ -1,7 +1,8 @@
 """gradproj: per-example loss gradients, seeded random projections, influence scores, analysis.
 
 Stages, each knowing only those before it:
-data -> models -> gradients -> projection -> store -> influence -> analysis
+data -> models -> gradients -> projection -> params -> store -> influence -> analysis
+(`extract` wires the first six into the extraction command.)
 """
 
 __version__ = "0.1.0"

@@ -58,7 +58,6 @@ class ExtractConfig:
     start: int | None = None
     end: int | None = None
     target: str = "embeddings"
-    # --- target params (issue 8) ---
     modules: str | list | None = None
     include_lm_head: bool = False
     full: bool = False
@@ -127,8 +126,6 @@ class ExtractConfig:
             self.random_projection = True
         if isinstance(self.modules, str):
             self.modules = [m.strip() for m in self.modules.split(",") if m.strip()] or None
-
-    # --- end target params ---
 
 
 def parse_dims(spec) -> list:

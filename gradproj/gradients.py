@@ -57,7 +57,7 @@ def embedding_gradients(
     return [grad[row, : ex.length].float() for row, ex in enumerate(batch)]
 
 
-# --- Parameter gradients of linear layers (--target params) --------------------------------
+# Parameter gradients of linear layers (--target params)
 #
 # For a linear layer y_t = W x_t (+ b) at positions t, an example's weight gradient is
 # sum_t delta_t x_t^T with delta_t = dL/dy_t. Forward hooks see x, tensor hooks on the output see
