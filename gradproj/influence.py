@@ -137,7 +137,8 @@ def identity(manifest: dict) -> dict:
 
 def check_compatible(train: store.Run, test: store.Run) -> None:
     a, b = identity(train.manifest), identity(test.manifest)
-    differences = [f"{key} ({a[key]!r} vs {b[key]!r})" for key in a if a[key] != b.get(key)]
+    keys = list(dict.fromkeys([*a, *b]))
+    differences = [f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
     if differences:
         raise UserError(
             f"train and test runs differ in {'; '.join(differences)}: their gradients are not "
