@@ -505,6 +505,8 @@ class Extractor:
         self.stats["skipped"] += len(record.skipped)
         self.stats["tokens"] += sum(ex.length for ex, _ in pairs)
         record.skipped.sort(key=lambda s: s["index"])
+        for s in record.skipped:
+            tqdm.write(f"warning: skipped example {s['id']!r}: {s['reason']}", file=sys.stderr)
         grads = [g for _, g in kept]
         if self.outputs.params is not None:  # params: the batch pass already projected
             return record, self.outputs.params.stack(grads, list(self.outputs.dirs))

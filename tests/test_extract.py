@@ -59,7 +59,9 @@ def test_all_masked_example_is_reported_not_stored(tiny_llama, sft_file, tmp_pat
     assert set(skipped) == {"ex_004", "ex_009"}
     assert all("max_seq_length=40" in r for r in skipped.values())
     assert not set(skipped) & set(run.ids)
-    assert "2 skipped" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "2 skipped" in captured.out
+    assert "warning: skipped example 'ex_004': no label token" in captured.err
 
 
 def test_resume_recomputes_only_the_missing_shard(tiny_llama, sft_file, tmp_path):
