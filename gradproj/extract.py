@@ -385,13 +385,8 @@ class Extractor:
     """Runs the batches of one task range, shard by shard."""
 
     def __init__(self, cfg, rows, tokenizer, model, outputs: Outputs):
-        self.cfg, self.rows, self.tokenizer, self.model, self.outputs = (
-            cfg,
-            rows,
-            tokenizer,
-            model,
-            outputs,
-        )
+        self.cfg, self.rows, self.tokenizer, self.model = cfg, rows, tokenizer, model
+        self.outputs = outputs
         self.causal = cfg.paradigm != "mlm"
         self.pad_id = tokenizer.pad_token_id or 0
         self.preemption = Preemption()
@@ -433,13 +428,12 @@ class Extractor:
             return self.outputs.params.batch(self.model, batch, self.causal, self.pad_id)
         return embedding_gradients(self.model, batch, self.causal, self.pad_id)
 
-    def shard_done(self, start: int, end: int) -> bool:
-        return all(shard_is_valid(d, start, end) for d in self.outputs.dirs.values())
-
     def run(self, start: int, end: int) -> int:
         began = time.time()
         ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
-        todo = [r for r in ranges if not self.shard_done(*r)]
+        # Each manifest is read once here, not once per shard: it lists every example.
+        recorded = {d: store.recorded_checksums(d) for d in self.outputs.dirs.values()}
+        todo = [r for r in ranges if not all(shard_is_valid(d, *r, recorded[d]) for d in recorded)]
         progress = tqdm(total=sum(e - s for s, e in todo), unit="ex", desc="gradients")
         logger = WandbLogger.maybe(self.cfg)
         try:
@@ -611,14 +605,13 @@ def _mean_norm(tensors: dict) -> torch.Tensor:
     return t.double().norm()
 
 
-def shard_is_valid(run_dir: Path, start: int, end: int) -> bool:
+def shard_is_valid(run_dir: Path, start: int, end: int, recorded: dict[str, str]) -> bool:
     """A shard counts as done when its file matches its recorded (or its own) checksum."""
     path = run_dir / store.shard_name(start, end)
     if not path.is_file():
         return False
-    recorded = store.recorded_sha256(run_dir, path.name)
-    if recorded is not None:
-        return store.file_sha256(path) == recorded
+    if path.name in recorded:
+        return store.file_sha256(path) == recorded[path.name]
     return store.check_shard(path) is not None
 
 

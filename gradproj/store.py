@@ -343,14 +343,14 @@ def describe_shard(path: Path, entry: dict | None) -> tuple[dict | None, ShardRe
     return entry, record
 
 
-def recorded_sha256(run_dir: Path, name: str) -> str | None:
-    """The checksum manifest.json records for shard `name`, if any."""
+def recorded_checksums(run_dir: Path) -> dict[str, str]:
+    """The sha256 that manifest.json records per shard file (empty without a manifest)."""
     path = Path(run_dir) / MANIFEST
     try:
         shards = json.loads(path.read_text())["shards"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
-    return next((s["sha256"] for s in shards if s["file"] == name), None)
+        return {}
+    return {s["file"]: s["sha256"] for s in shards}
 
 
 # --- Reading a run in bounded blocks (used by gradproj.influence) ---
