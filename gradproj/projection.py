@@ -33,9 +33,10 @@ _MAX_WORD = 1 << _WORD_BITS
 _TAGS = {"rademacher": 1, "normal": 2, "sjlt": 3, "kron_left": 4, "kron_right": 5}
 _SIGN_BITS_PER_WORD = 64
 _NORMALS_PER_WORD = 2
-_BYTES_PER_ENTRY = {"rademacher": 6, "normal": 24}
+_ANGLE_BITS = 24
+# Working memory per generated entry, sized for the unfused fallback's int64 temporaries.
+_BYTES_PER_ENTRY = {"rademacher": 24, "normal": 24}
 _MAX_SJLT_S = 256
-_NORMAL_TILE_WORDS = 1 << 18
 
 
 def _to_int64(value: int) -> int:
@@ -65,143 +66,138 @@ def counter_hash_reference(key: int, row: int, word: int) -> int:
     return mix64(key + counter * _GOLDEN)
 
 
-def _shift_right_logical_(values: torch.Tensor, bits: int) -> torch.Tensor:
+def _shift_right_logical(values: torch.Tensor, bits: int) -> torch.Tensor:
     # torch's >> on int64 is arithmetic; masking off the copied sign bits makes it logical.
-    return values.bitwise_right_shift(bits).bitwise_and_((1 << (64 - bits)) - 1)
+    return (values >> bits) & ((1 << (64 - bits)) - 1)
 
 
-class Scratch:
-    """Reusable buffers: a fresh multi-megabyte tensor costs page faults on every allocation."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = math.prod(shape)
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[name] = buffer
-        return buffer[:numel].view(shape)
-
-
-def _mix64_(values: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output function, in place on int64 (multiplication wraps mod 2**64)."""
+def _mix64(values: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 (multiplication wraps mod 2**64)."""
     for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
-        torch.bitwise_right_shift(values, shift, out=spare)
-        values.bitwise_xor_(spare.bitwise_and_((1 << (64 - shift)) - 1))
+        values = values ^ _shift_right_logical(values, shift)
         if multiplier is not None:
-            values.mul_(_to_int64(multiplier))
+            values = values * _to_int64(multiplier)
     return values
 
 
-def counter_hash(
-    key: int, row0: int, row1: int, word0: int, word1: int, device, scratch: Scratch | None = None
-) -> torch.Tensor:
+def counter_hash(key: int, row0: int, row1: int, word0: int, word1: int, device) -> torch.Tensor:
     """int64 [row1-row0, word1-word0]: hash words of rows [row0, row1) and words [word0, word1)."""
+    row_part, word_part = _counter_parts(key, row0, row1, word0, word1, device)
+    return _mix64(row_part[:, None] + word_part[None, :])
+
+
+def _counter_parts(key: int, row0: int, row1: int, word0: int, word1: int, device):
+    """int64 1-D parts whose outer sum is key + (row << 24 | word) * golden (mod 2**64)."""
     if not (0 <= row0 <= row1 <= _MAX_ROW and 0 <= word0 <= word1 <= _MAX_WORD):
         raise ValueError(f"counter out of range: rows {row0}..{row1}, words {word0}..{word1}")
-    scratch = scratch or Scratch(device)
-    shape = (row1 - row0, word1 - word0)
-    rows = torch.arange(row0, row1, dtype=torch.int64, device=scratch.device)
-    words = torch.arange(word0, word1, dtype=torch.int64, device=scratch.device)
-    # key + (row << 24 | word) * golden, split so that each term is a 1-D product.
+    rows = torch.arange(row0, row1, dtype=torch.int64, device=device)
+    words = torch.arange(word0, word1, dtype=torch.int64, device=device)
     row_part = rows.mul_(_to_int64(_GOLDEN << _WORD_BITS)).add_(_to_int64(key))
-    word_part = words.mul_(_to_int64(_GOLDEN))
-    hashed = torch.add(
-        row_part[:, None], word_part[None, :], out=scratch.take("hash", shape, torch.int64)
-    )
-    return _mix64_(hashed, scratch.take("spare", shape, torch.int64))
+    return row_part, words.mul_(_to_int64(_GOLDEN))
 
 
-def _sign_table(device) -> torch.Tensor:
-    """fp32 [256, 8]: entry (b, t) is -1 where bit t of byte b is set, else +1."""
-    bytes_ = torch.arange(256, dtype=torch.int64)[:, None]
-    bits = torch.arange(8, dtype=torch.int64)[None, :]
-    return (1 - 2 * ((bytes_ >> bits) & 1)).to(torch.float32).to(device)
+# The random matrix R [D, k] is generated transposed, as blocks of R^T [columns, rows]: the
+# product R^T @ g^T then runs about a third faster on CPU than g @ R (no packing of the block),
+# and each hash word's entries lie in distinct contiguous rows of R^T, so one fused kernel
+# stores them with full-width vector writes.
 
 
-_SIGN_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+def signs_(words: torch.Tensor, out_t: torch.Tensor) -> None:
+    """out_t [64 * words, rows]: row 64w + t is -1 where bit t of words[w] is set, else +1."""
+    shifts = torch.arange(_SIGN_BITS_PER_WORD, device=words.device)
+    bits = (words[:, None, :] >> shifts[None, :, None]) & 1
+    out_t.view(words.shape[0], _SIGN_BITS_PER_WORD, words.shape[1]).copy_(1 - 2 * bits)
 
 
-def _cached_sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    name = (str(device), dtype)
-    if name not in _SIGN_TABLES:
-        _SIGN_TABLES[name] = _sign_table(device).to(dtype)
-    return _SIGN_TABLES[name]
-
-
-def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
-    """uint8 [rows, 8 * n]: byte b of word w (bits 8b..8b+7) at position 8w + b."""
-    if sys.byteorder == "little":
-        return words.contiguous().view(torch.uint8)
-    shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=words.device)
-    return ((words[..., None] >> shifts) & 255).to(torch.uint8).flatten(-2)
-
-
-def _rademacher_words(
-    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
+def box_muller_(
+    word_part: torch.Tensor, row_part: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor
 ) -> None:
-    """Write +-1 into out [rows, 64 * words]: entry (i, 64w + t) is -1 iff bit t of word w is set.
+    """r cos(theta) into cos_t and r sin(theta) into sin_t [words, rows] from hash words.
 
-    One 64-bit hash serves 64 entries, and a byte-to-8-signs table lookup replaces per-bit
-    arithmetic, which is what makes sign generation cheaper than the matmul it feeds.
+    u1 comes from bits 41..63 (odd numerator, so 0 < u1 < 1 exactly in fp32), theta from bits
+    0..23. Written so that torch.compile fuses it into one kernel: the angle is reduced exactly
+    in integer turns and its sine and cosine are short polynomials, not libm's general ones.
     """
-    words = counter_hash(key, row0, row1, word0, word1, out.device, scratch)
-    bytes_ = _words_to_bytes(words)
-    if out.device.type != "cpu":
-        _signs_from_bits(bytes_, out, scratch)
-        return
-    byte_index = scratch.take("byte_index", bytes_.shape, torch.int32).copy_(bytes_)
-    table = _cached_sign_table(out.device, out.dtype)
-    torch.index_select(table, 0, byte_index.view(-1), out=out.view(-1, 8))
+    words = _mix64(word_part[:, None] + row_part[None, :])
+    odd_numerator = _shift_right_logical(words, 41).mul(2).add(1)
+    radius = torch.sqrt(torch.log(odd_numerator.to(torch.float32) * 2.0**-24) * -2.0)
+    cos, sin = _cos_sin_of_turns(words.bitwise_and((1 << _ANGLE_BITS) - 1).to(torch.int32))
+    cos_t.copy_(radius * cos)
+    sin_t.copy_(radius * sin)
 
 
-def _signs_from_bits(bytes_: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
-    """The same signs as the table lookup, by elementwise bit ops (a GPU gathers slowly)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
-    bits = scratch.take("bits", (bytes_.numel(), 8), torch.uint8)
-    torch.bitwise_right_shift(bytes_.reshape(-1, 1), shifts, out=bits).bitwise_and_(1)
-    minus, plus = (torch.tensor(v, dtype=out.dtype, device=out.device) for v in (-1.0, 1.0))
-    torch.where(bits.view(torch.bool), minus, plus, out=out.view(-1, 8))
+def _cos_sin_of_turns(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) of 2 pi turns / 2**24 for int32 turns, to within 2e-7 absolute.
 
-
-def _normal_words(
-    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
-) -> None:
-    """Write N(0, 1) into out [rows, 2 * words] by Box-Muller, one hash word per pair.
-
-    Entry (i, 2m) is r cos(theta) and (i, 2m + 1) is r sin(theta), with u1 from bits 41..63
-    (odd numerator, so 0 < u1 < 1 exactly in fp32) and theta from bits 0..23 of word m.
+    The nearest quarter turn q is split off exactly in integers; the rest, at most an eighth of a
+    turn, goes through Taylor polynomials (truncation error below 2e-9 at pi/4), and q picks
+    which of the two and its sign.
     """
-    # Tiles of a few MiB keep the dozen passes over the intermediates inside the cache.
-    tile_words = _NORMAL_TILE_WORDS if out.device.type == "cpu" else _MAX_ROW
-    tile_rows = max(1, tile_words // max(1, word1 - word0))
-    for start in range(row0, row1, tile_rows):
-        stop = min(start + tile_rows, row1)
-        tile = out[start - row0 : stop - row0]
-        _normal_tile(key, start, stop, word0, word1, tile, scratch)
+    quarter = 1 << (_ANGLE_BITS - 2)
+    q = (turns + quarter // 2) >> (_ANGLE_BITS - 2)
+    x = (turns - q * quarter).to(torch.float32) * (2 * math.pi * 2.0**-_ANGLE_BITS)
+    z = x * x
+    sin = x * (1 + z * (-1 / 6 + z * (1 / 120 + z * (-1 / 5040 + z * (1 / 362880)))))
+    cos = 1 + z * (-1 / 2 + z * (1 / 24 + z * (-1 / 720 + z * (1 / 40320 + z * (-1 / 3628800)))))
+    q = q & 3
+    odd = (q & 1) == 1
+    first, second = torch.where(odd, sin, cos), torch.where(odd, cos, sin)
+    return torch.where((q == 1) | (q == 2), -first, first), torch.where(q >= 2, -second, second)
 
 
-def _normal_tile(
-    key: int, row0: int, row1: int, word0: int, word1: int, out: torch.Tensor, scratch: Scratch
-) -> None:
-    words = counter_hash(key, row0, row1, word0, word1, out.device, scratch)
-    bits = scratch.take("spare", words.shape, torch.int64)
-    radius = scratch.take("radius", words.shape, torch.float32)
-    theta = scratch.take("theta", words.shape, torch.float32)
-    trig = scratch.take("trig", words.shape, torch.float32)
-    torch.bitwise_right_shift(words, 41, out=bits)
-    radius.copy_(bits.bitwise_and_((1 << 23) - 1).mul_(2).add_(1))
-    radius.mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
-    theta.copy_(words.bitwise_and_((1 << 24) - 1)).mul_(2 * math.pi * 2.0**-24)
-    pairs = out.view(out.shape[0], -1, 2)
-    torch.mul(radius, torch.cos(theta, out=trig), out=pairs[..., 0])
-    torch.mul(radius, torch.sin(theta, out=trig), out=pairs[..., 1])
+class Fused:
+    """A torch function compiled into one kernel by torch.compile on first use.
+
+    Where compiling fails (no C++ compiler on CPU, no Triton on CUDA), it warns once and runs the
+    same function op by op: the same numbers to fp32 rounding, several times slower.
+    """
+
+    def __init__(self, function):
+        self.function = function
+        self.kernel = None
+
+    def __call__(self, *args: torch.Tensor) -> None:
+        if self.kernel is None:
+            self.kernel = torch.compile(self.function, dynamic=True)
+        if self.kernel is self.function:
+            return self.function(*args)
+        try:
+            return self.kernel(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure has the same remedy
+            self.kernel = self.function
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            print(
+                f"warning: torch.compile failed ({lines[0]}); random matrices are generated "
+                "unfused, several times slower (install a C++ compiler to fuse them)",
+                file=sys.stderr,
+            )
+            return self.function(*args)
 
 
-_FILL = {"rademacher": (_rademacher_words, _SIGN_BITS_PER_WORD), "normal": (_normal_words, 2)}
+_signs = Fused(signs_)
+_box_muller = Fused(box_muller_)
+
+
+def _rademacher_t(key: int, row0: int, row1: int, word0: int, word1: int, out_t: torch.Tensor):
+    """+-1 into out_t [64 * words, rows]: R[i, 64w + t] is -1 iff bit t of word (i, w) is set.
+
+    One 64-bit hash serves 64 entries, which is what makes sign generation cheaper than the
+    matmul it feeds.
+    """
+    row_part, word_part = _counter_parts(key, row0, row1, word0, word1, out_t.device)
+    _signs(_mix64(word_part[:, None] + row_part[None, :]), out_t)
+
+
+def _normal_t(key: int, row0: int, row1: int, word0: int, word1: int, out_t: torch.Tensor):
+    """N(0, 1) into out_t [2 * words, rows]: R[i, 2w] and R[i, 2w + 1] from word (i, w)."""
+    row_part, word_part = _counter_parts(key, row0, row1, word0, word1, out_t.device)
+    _box_muller(word_part, row_part, out_t[0::2], out_t[1::2])
+
+
+_FILL = {
+    "rademacher": (_rademacher_t, _SIGN_BITS_PER_WORD),
+    "normal": (_normal_t, _NORMALS_PER_WORD),
+}
 
 
 def random_block(
@@ -214,12 +210,16 @@ def random_block(
     """
     if kind not in _FILL:
         raise UserError(f"unknown random matrix kind {kind!r}: use 'rademacher' or 'normal'")
+    return _random_block(kind, stream_key(kind, seed, stream), row0, row1, col0, col1, device)
+
+
+def _random_block(kind: str, key: int, row0: int, row1: int, col0: int, col1: int, device):
     fill, per_word = _FILL[kind]
     word0, word1 = col0 // per_word, -(-col1 // per_word)
-    block = torch.empty(row1 - row0, (word1 - word0) * per_word, device=device)
-    fill(stream_key(kind, seed, stream), row0, row1, word0, word1, block, Scratch(device))
+    block_t = torch.empty((word1 - word0) * per_word, row1 - row0, device=device)
+    fill(key, row0, row1, word0, word1, block_t)
     skip = col0 - word0 * per_word
-    return block[:, skip : skip + col1 - col0].contiguous()
+    return block_t[skip : skip + col1 - col0].T.contiguous()
 
 
 def parse_kronecker_dim(spec: str | int) -> tuple[int, int]:
@@ -263,7 +263,7 @@ def _default_memory_gb(device: torch.device) -> float:
 
 # Preferred block shapes: on CPU a block that fits the last-level cache with the matmul
 # reading it; on CUDA large blocks, so that kernel launches do not dominate.
-_PREFERRED_BLOCK = {"cpu": (1024, 4096), "cuda": (16384, 65536)}
+_PREFERRED_BLOCK = {"cpu": (2048, 2048), "cuda": (16384, 65536)}
 _SJLT_BLOCK_ROWS = 1 << 20
 
 
@@ -415,7 +415,7 @@ class Projector:
         """fp32 CPU [B, k]: the unscaled product of each gradient with the first k columns."""
         order, lengths = self._by_length(flats)
         ordered = [flats[i] for i in order]
-        out = torch.zeros(len(flats), k, device=self.device)
+        out_t = torch.zeros(k, len(flats), device=self.device)
         fill, per_word = _FILL[self.proj_type]
         key = stream_key(self.proj_type, self.seed, 0)
         exact_bf16 = self._use_exact_bf16()
@@ -423,7 +423,6 @@ class Projector:
         block = torch.empty(
             self.block_rows * self.block_cols, device=self.device, dtype=block_dtype
         )
-        scratch = Scratch(self.device)
         longest = lengths[0] if lengths else 0
         for row0 in range(0, longest, self.block_rows):
             row1 = min(row0 + self.block_rows, longest)
@@ -435,14 +434,15 @@ class Projector:
                 col1 = min(col0 + self.block_cols, k)
                 words = (col0 // per_word, -(-col1 // per_word))
                 width = (words[1] - words[0]) * per_word
-                matrix = block[: (row1 - row0) * width].view(row1 - row0, width)
-                fill(key, row0, row1, words[0], words[1], matrix, scratch)
+                matrix_t = block[: width * (row1 - row0)].view(width, row1 - row0)
+                fill(key, row0, row1, words[0], words[1], matrix_t)
+                target = out_t[col0:col1, :active]
                 if exact_bf16:
-                    out[:active, col0:col1] += _exact_sign_product(pieces, matrix[:, : col1 - col0])
+                    target += _exact_sign_product(matrix_t[: col1 - col0], pieces)
                 else:
-                    out[:active, col0:col1].addmm_(chunk, matrix[:, : col1 - col0])
-        result = torch.empty_like(out)
-        result[order] = out
+                    target.addmm_(matrix_t[: col1 - col0], chunk.T)
+        result = torch.empty(len(flats), k, device=self.device)
+        result[order] = out_t.T
         return result.cpu()
 
     def _use_exact_bf16(self) -> bool:
@@ -506,7 +506,7 @@ class Projector:
 
 
 def _split_bf16(chunk: torch.Tensor) -> torch.Tensor:
-    """bf16 [3 * rows, cols] hi, mid, lo with hi + mid + lo == chunk to ~2**-24 relative."""
+    """bf16 [3 * B, rows] hi, mid, lo with hi + mid + lo == chunk to ~2**-24 relative."""
     hi = chunk.to(torch.bfloat16)
     rest = chunk - hi.float()  # exact: a float minus its rounding
     mid = rest.to(torch.bfloat16)
@@ -514,14 +514,14 @@ def _split_bf16(chunk: torch.Tensor) -> torch.Tensor:
     return torch.cat([hi, mid, lo])
 
 
-def _exact_sign_product(pieces: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """fp32 [rows, cols]: (hi + mid + lo) @ signs, each bf16 product exact, fp32 accumulation.
+def _exact_sign_product(signs_t: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
+    """fp32 [cols, B]: signs_t @ (hi + mid + lo)^T, each bf16 product exact, fp32 accumulation.
 
     +-1 is exact in bf16 and an fp32 value is exactly three bf16 pieces, so three tensor-core
     products summed in fp32 equal an fp32 matmul up to fp32 rounding, at bf16 speed.
     """
-    products = torch.mm(pieces, signs, out_dtype=torch.float32)
-    hi, mid, lo = products.chunk(3)
+    products = torch.mm(signs_t, pieces.T, out_dtype=torch.float32)
+    hi, mid, lo = products.chunk(3, dim=1)
     return hi + (mid + lo)
 
 
@@ -561,15 +561,12 @@ def sjlt_hash(key: int, row0: int, row1: int, s: int, k: int, device):
     Coordinate i's l-th copy uses hash word (i, l): the top 32 bits pick the output
     coordinate by multiply-shift (uniform up to 2**-32), bit 0 the sign.
     """
-    words = counter_hash(key, row0, row1, 0, s, device).clone()
+    words = counter_hash(key, row0, row1, 0, s, device)
     negative = words.bitwise_and(1).bool()
-    buckets = _shift_right_logical_(words, 32).mul_(k).bitwise_right_shift_(32)
+    buckets = _shift_right_logical(words, 32).mul_(k).bitwise_right_shift_(32)
     return buckets, negative
 
 
 def kronecker_factor(tag: str, seed: int, rows: int, k: int, device) -> torch.Tensor:
     """fp32 [rows, k] N(0, 1) factor of the Kronecker projection."""
-    words = -(-k // _NORMALS_PER_WORD)
-    block = torch.empty(rows, words * _NORMALS_PER_WORD, device=device)
-    _normal_words(stream_key(tag, seed, 0), 0, rows, 0, words, block, Scratch(device))
-    return block[:, :k].contiguous()
+    return _random_block("normal", stream_key(tag, seed, 0), 0, rows, 0, k, device)

@@ -91,6 +91,59 @@ def test_normal_entries_follow_standard_normal():
     assert scipy.stats.kstest(sample, "norm").pvalue > 1e-3
 
 
+def _box_muller_fp64(key: int, row: int, column: int) -> float:
+    """Entry (row, column) of a normal matrix in fp64 from its hash word, by plain Python math."""
+    word = proj.counter_hash_reference(key, row, column // 2)
+    u1 = ((word >> 41) * 2 + 1) * 2.0**-24
+    theta = (word & (2**24 - 1)) * 2 * math.pi * 2.0**-24
+    trig = math.cos if column % 2 == 0 else math.sin
+    return math.sqrt(-2 * math.log(u1)) * trig(theta)
+
+
+def test_normal_entry_is_box_muller_of_its_hash_word():
+    seed, stream, row0, col0 = 4, 1, 999, 37
+    block = random_block("normal", seed, stream, row0, row0 + 40, col0, col0 + 60).double()
+    key = proj.stream_key("normal", seed, stream)
+    expected = torch.tensor(
+        [
+            [_box_muller_fp64(key, i, j) for j in range(col0, col0 + 60)]
+            for i in range(row0, row0 + 40)
+        ]
+    )
+    # fp32 rounding of values up to ~5.6, plus the polynomials' 2e-7.
+    assert (block - expected).abs().max() < 2e-6
+
+
+def test_cos_sin_of_turns_matches_fp64_over_every_quarter():
+    turns = torch.arange(0, 1 << 24, 4099, dtype=torch.int32)
+    turns = torch.cat([turns, torch.tensor([0, 1 << 21, 1 << 22, 3 << 21, (1 << 24) - 1])])
+    cos, sin = proj._cos_sin_of_turns(turns)
+    theta = turns.double() * 2 * math.pi / 2**24
+    assert (cos.double() - torch.cos(theta)).abs().max() < 2e-7
+    assert (sin.double() - torch.sin(theta)).abs().max() < 2e-7
+
+
+@pytest.mark.parametrize("kind, fused", [("rademacher", "_signs"), ("normal", "_box_muller")])
+def test_random_block_is_generated_by_a_compiled_kernel(kind, fused):
+    random_block(kind, 8, 0, 0, 4, 0, 64)
+    assert getattr(proj, fused).kernel is not getattr(proj, fused).function
+
+
+@pytest.mark.parametrize("kind, fused", [("rademacher", "_signs"), ("normal", "_box_muller")])
+def test_random_block_without_compiler_agrees_and_warns(kind, fused, monkeypatch, capsys):
+    compiled = random_block(kind, 8, 0, 3, 64, 5, 200)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(getattr(proj, fused), "kernel", broken)
+    unfused = random_block(kind, 8, 0, 3, 64, 5, 200)
+    assert "no C++ compiler" in capsys.readouterr().err
+    assert getattr(proj, fused).kernel is getattr(proj, fused).function
+    # Signs are exact either way; normals agree to fp32 rounding of values up to ~5.6.
+    assert (unfused - compiled).abs().max() <= (0 if kind == "rademacher" else 2e-6)
+
+
 def test_rademacher_signs_are_balanced_and_independent_of_neighbours():
     signs = random_block("rademacher", 3, 0, 0, 256, 0, 4096).double()
     n = signs.numel()
