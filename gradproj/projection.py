@@ -395,10 +395,11 @@ class Projector:
 
     def _chunk(self, flats: list[torch.Tensor], row0: int, row1: int) -> torch.Tensor:
         """fp32 [len(flats), row1-row0] on the device: coordinates row0..row1, zero past the end."""
-        chunk = torch.zeros(len(flats), row1 - row0, device=self.device)
+        chunk = torch.empty(len(flats), row1 - row0, device=self.device)
         for i, flat in enumerate(flats):
             piece = flat[row0:row1]
             chunk[i, : piece.numel()] = piece.to(self.device, torch.float32)
+            chunk[i, piece.numel() :] = 0
         return chunk
 
     def _by_length(self, flats: list[torch.Tensor]) -> tuple[list[int], list[int]]:
@@ -456,12 +457,13 @@ class Projector:
     def _project_sjlt(self, flats: list[torch.Tensor], k: int) -> torch.Tensor:
         """fp32 CPU [B, k]: each coordinate added, with a random sign, to s random outputs.
 
-        Summation is a sort by output coordinate and a segment sum (no atomics), so the
-        result does not depend on the device or on thread scheduling.
+        Each example's positive and negative terms are summed apart, in coordinate order,
+        into bins [0, k) and [k, 2k), and subtracted at the end: no multiplication by signs,
+        and the same bytes for any chunking and batch size.
         """
         order, lengths = self._by_length(flats)
         ordered = [flats[i] for i in order]
-        out = torch.zeros(k, len(flats), device=self.device)
+        sums = torch.zeros(len(flats), 2 * k, device=self.device)
         key = stream_key("sjlt", self.seed, 0)
         longest = lengths[0] if lengths else 0
         step = self._sjlt_rows(len(flats))
@@ -469,9 +471,9 @@ class Projector:
             row1 = min(row0 + step, longest)
             active = sum(1 for length in lengths if length > row0)
             chunk = self._chunk(ordered[:active], row0, row1)
-            out[:, :active] += self._sjlt_block(key, chunk, row0, row1, k)
+            self._add_sjlt_block(key, chunk, row0, row1, k, sums[:active])
         result = torch.empty(len(flats), k, device=self.device)
-        result[order] = out.T / math.sqrt(self.sjlt_s)
+        result[order] = (sums[:, :k] - sums[:, k:]) / math.sqrt(self.sjlt_s)
         return result.cpu()
 
     def _sjlt_rows(self, batch: int) -> int:
@@ -479,16 +481,17 @@ class Projector:
         per_row = 4 * batch * (2 + self.sjlt_s) + 40 * self.sjlt_s
         return max(1, min(self.sjlt_block_rows, int(self.memory_gb * 2**30 / 2 / per_row)))
 
-    def _sjlt_block(self, key: int, chunk: torch.Tensor, row0: int, row1: int, k: int):
-        """fp32 [k, active]: the unscaled sketch of coordinates row0..row1."""
+    def _add_sjlt_block(self, key, chunk: torch.Tensor, row0: int, row1: int, k: int, sums):
+        """Add coordinates row0..row1 of chunk [active, rows] into their bins of sums."""
         buckets, negative = sjlt_hash(key, row0, row1, self.sjlt_s, k, self.device)
-        buckets, perm = torch.sort(buckets.view(-1), stable=True)
-        coordinate = perm // self.sjlt_s
-        values = chunk.T.contiguous().index_select(0, coordinate)
-        sign = 1 - 2 * negative.view(-1)[perm].to(torch.float32)
-        values.mul_(sign[:, None])
-        counts = torch.bincount(buckets, minlength=k)
-        return torch.segment_reduce(values, "sum", lengths=counts, axis=0)
+        bins = (buckets + k * negative).view(-1)
+        copies = chunk.repeat_interleave(self.sjlt_s, dim=1) if self.sjlt_s > 1 else chunk
+        if self.device.type == "cpu":
+            # CPU's scatter_add_ adds each row's terms in index order: deterministic.
+            sums.scatter_add_(1, bins.expand(chunk.shape[0], -1), copies)
+        else:
+            # CUDA's scatter_add_ adds in the order its atomics land.
+            sums += sorted_segment_sums(bins, copies, 2 * k)
 
     def _project_kronecker(self, grads: Sequence[torch.Tensor], k: int) -> torch.Tensor:
         """fp32 CPU [B, k]: vec(A^T G B) / sqrt(k) with A [rows, k1], B [cols, k2] Gaussian."""
@@ -565,6 +568,18 @@ def sjlt_hash(key: int, row0: int, row1: int, s: int, k: int, device):
     negative = words.bitwise_and(1).bool()
     buckets = _shift_right_logical(words, 32).mul_(k).bitwise_right_shift_(32)
     return buckets, negative
+
+
+def sorted_segment_sums(bins: torch.Tensor, values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """[rows, n_bins]: values [rows, n] summed into bins [n], without atomics.
+
+    A stable sort by bin and a segment sum: the order of the terms in each sum is fixed, so
+    the result does not depend on thread scheduling.
+    """
+    bins, perm = torch.sort(bins, stable=True)
+    counts = torch.bincount(bins, minlength=n_bins)
+    gathered = values.T.contiguous().index_select(0, perm)
+    return torch.segment_reduce(gathered, "sum", lengths=counts, axis=0).T
 
 
 def kronecker_factor(tag: str, seed: int, rows: int, k: int, device) -> torch.Tensor:
