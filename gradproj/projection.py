@@ -168,7 +168,7 @@ class Fused:
             lines = str(error).strip().splitlines() or [type(error).__name__]
             print(
                 f"warning: torch.compile failed ({lines[0]}); random matrices are generated "
-                "unfused, several times slower (install a C++ compiler to fuse them)",
+                "unfused, several times slower (it needs a C++ compiler on CPU, Triton on CUDA)",
                 file=sys.stderr,
             )
             return self.function(*args)
