@@ -185,6 +185,23 @@ def test_dense_projection_is_the_same_for_any_block_shape(kind):
     assert _close_to_fp32_rounding(small.project_batch(grads)[k], default, grads)
 
 
+def test_bf16_sign_product_path_equals_fp32_product(monkeypatch):
+    """The CUDA tensor-core path's logic on CPU: bf16 signs, fp32 split in three bf16 pieces."""
+    real_mm = torch.mm
+
+    def mm_with_fp32_output(a, b, out_dtype=None):
+        # CPU torch.mm has no out_dtype: bf16 products of +-1 and bf16 pieces are exact in fp32.
+        return real_mm(a.float(), b.float()) if out_dtype is not None else real_mm(a, b)
+
+    shape, k = (7, 40), 300
+    grads = _ragged_grads(shape, [7, 3, 6])
+    fp32 = Projector("rademacher", [k], 1, shape).project_batch(grads)[k]
+    monkeypatch.setattr(torch, "mm", mm_with_fp32_output)
+    monkeypatch.setattr(Projector, "_use_exact_bf16", lambda self: True)
+    split = Projector("rademacher", [k], 1, shape).project_batch(grads)[k]
+    assert _close_to_fp32_rounding(split, fp32, grads)
+
+
 @pytest.mark.parametrize("proj_type", proj.PROJ_TYPES)
 def test_projection_is_the_same_for_any_batch_size(proj_type):
     shape, k = (6, 32), 64
