@@ -4,9 +4,10 @@
     python bench/projection_speed.py --device cuda --log2-dims 24 --ks 8192,16384,204800,2048000
 
 Dense projections cost D * k per batch; where a point would take more than --max-entries
-random entries, the first tokens of each gradient and the first 8192 columns are timed and the
-time is scaled up by both ratios. The same code path: rows past an example's length are skipped,
-and the first k' columns of the matrix are the k'-dim projection. Such rows say so.
+random entries, the first tokens of each gradient and the first 8192 columns (262144 on CUDA)
+are timed and the time is scaled up by both ratios. The same code path: rows past an example's
+length are skipped, and the first k' columns of the matrix are the k'-dim projection. Such rows
+say so.
 TRAK does not scale by 1/sqrt(k): only its time is compared.
 """
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradproj.projection import Projector  # noqa: E402
 
 HIDDEN = 4096
-WIDEST_TIMED = 8192
+# Columns timed at most: a few of the projector's blocks wide (2048 on CPU, 65536 on CUDA).
+WIDEST_TIMED = {"cpu": 8192, "cuda": 262144}
 TYPES = ("rademacher", "normal", "sjlt", "kronecker")
 
 
@@ -85,11 +87,11 @@ def make_grads(d: int, batch: int, tokens: int, device: str) -> list[torch.Tenso
     return [torch.randn(length, HIDDEN, device=device) for _ in range(batch)]
 
 
-def dense_extent(tokens: int, k: int, max_entries: float) -> tuple[int, int]:
-    """(tokens, columns) to time: all, or a prefix of whole tokens at a width of up to 8192."""
+def dense_extent(tokens: int, k: int, max_entries: float, device: str) -> tuple[int, int]:
+    """(tokens, columns) to time: all, or a prefix of whole tokens at a few blocks' width."""
     if tokens * HIDDEN * k <= max_entries:
         return tokens, k
-    columns = min(k, WIDEST_TIMED)
+    columns = min(k, WIDEST_TIMED[torch.device(device).type])
     return max(1, min(tokens, int(max_entries // (columns * HIDDEN)))), columns
 
 
@@ -108,7 +110,7 @@ def time_ours(proj_type, shape, grads, k, max_entries, device) -> tuple[float, s
     length = grads[0].shape[0]
     tokens, columns = length, k
     if proj_type in TYPES[:2]:
-        tokens, columns = dense_extent(length, k, max_entries)
+        tokens, columns = dense_extent(length, k, max_entries, device)
     key = (proj_type, shape, len(grads), tokens, columns)
     prefix = [g[:tokens] for g in grads]
     seconds = cached(key, lambda: measure_ours(proj_type, shape, prefix, columns, device))
