@@ -63,7 +63,7 @@ def test_counter_hash_matches_python_reference_beyond_32_bit_rows():
 
 
 def test_rademacher_entry_is_bit_of_its_hash_word():
-    seed, stream, row0, col0 = 7, 2, 1000, 100
+    seed, stream, row0, col0 = 7, 2, (1 << 35) + 1000, 100
     block = random_block("rademacher", seed, stream, row0, row0 + 3, col0, col0 + 150)
     key = proj.stream_key("rademacher", seed, stream)
     expected = [
@@ -101,7 +101,7 @@ def _box_muller_fp64(key: int, row: int, column: int) -> float:
 
 
 def test_normal_entry_is_box_muller_of_its_hash_word():
-    seed, stream, row0, col0 = 4, 1, 999, 37
+    seed, stream, row0, col0 = 4, 1, (1 << 35) + 999, 37
     block = random_block("normal", seed, stream, row0, row0 + 40, col0, col0 + 60).double()
     key = proj.stream_key("normal", seed, stream)
     expected = torch.tensor(
