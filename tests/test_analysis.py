@@ -270,13 +270,19 @@ def file_order_kendall(true_scores, *listed):
     return rank_kendall(ranks[0], ranks[1])[0]
 
 
+def scores_with_one_nan(seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """1,000 uniform random scores, one of them NaN, and the generator that drew them."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random(1000)
+    scores[rng.integers(1000)] = np.nan
+    return scores, rng
+
+
 def test_sorting_with_one_nan_breaks_the_order():
     """One NaN among 1,000 random scores: Kendall ~0.54 against the true order (median ~0.6)."""
     taus = []
     for seed in range(15):
-        rng = np.random.default_rng(seed)
-        scores = rng.random(1000)
-        scores[rng.integers(1000)] = np.nan
+        scores, _ = scores_with_one_nan(seed)
         taus.append(file_order_kendall(np.nan_to_num(scores, nan=-1), scores))
     assert 0.45 < np.median(taus) < 0.7
 
@@ -285,9 +291,7 @@ def test_shared_nan_position_keeps_noisy_lists_in_agreement():
     """Two lists sharing the NaN and differing by small noise agree at ~0.99 in file order."""
     taus = []
     for seed in range(15):
-        rng = np.random.default_rng(seed)
-        scores = rng.random(1000)
-        scores[rng.integers(1000)] = np.nan
+        scores, rng = scores_with_one_nan(seed)
         noisy = scores + rng.normal(0, 1e-3, 1000)
         taus.append(file_order_kendall(None, scores, noisy))
     assert np.median(taus) > 0.98
