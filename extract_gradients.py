@@ -2,10 +2,7 @@
 """Extract per-example loss gradients (full or randomly projected): shim over `gradproj extract`."""
 
 from gradproj.cli import extract_main as main
-from gradproj.cli import extract_parse_args as parse_args
 from gradproj.errors import run_cli
-
-__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
     run_cli(main)

@@ -524,7 +524,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):
-    from compare_projections import main
+    from gradproj.cli import compare_main as main
     from gradproj.errors import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
