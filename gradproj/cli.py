@@ -119,7 +119,10 @@ SCORE_OPTIONS = {
     "precision": dict(
         choices=["fp32", "fp64"], help="stored scores: fp32 (fp64 arithmetic, rounded once) or fp64"
     ),
-    "memory_gb": dict(help="working memory budget (default: half the free memory)"),
+    "memory_gb": dict(
+        help="working memory budget in GiB (default: half the available host memory on CPU, "
+        "80%% of the free memory on CUDA)"
+    ),
 }
 
 COMPARE_OPTIONS = {

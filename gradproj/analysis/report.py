@@ -58,7 +58,7 @@ def render_report(comparison) -> str:
         + ".\n",
         "Every metric is computed per test example from the scores (never from file order); "
         "tables give the median over test examples with a 95% bootstrap CI. Definitions: "
-        "the README of gradproj (comparing projections).\n",
+        "docs/analysis.md of gradproj.\n",
         *[f"- {note}" for note in comparison.notes],
         "\n## Agreement with the reference\n",
         headline_table(comparison.summary),
