@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 import time
 import types
@@ -242,7 +243,10 @@ def run_score(args: argparse.Namespace) -> int:
 
     began = time.time()
     out = influence.score_influence(influence.ScoreConfig(**vars(args)))
-    print(f"scores written to {out} in {time.time() - began:.1f} s", file=sys.stderr)
+    counts = json.loads((out / influence.SUMMARY_FILE).read_text())["counts"]
+    excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))
+    note = f"; not scored: {excluded} example(s), listed in summary.json" if excluded else ""
+    print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)
     return 0
 
 
