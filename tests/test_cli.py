@@ -2,6 +2,9 @@
 generated CLI reference up to date."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,20 @@ def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nope"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_sbatch_runs_the_installed_command_without_a_checkout(tiny_llama, tmp_path):
+    """extract_grads.sbatch run from elsewhere, with no GRADPROJ_HOME: `python -m gradproj`."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", conversations(5))
+    options = ["--max_seq_length", str(MAX_LEN), "--gradients_per_file", "4"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADPROJ_", "SLURM_"))}
+    env |= {"GRADPROJ_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    argv = ["bash", str(REPO / "extract_grads.sbatch"), str(tiny_llama), str(rows), "0", "train",
+            "sft", "store", "--random_projection", "16", *options]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    direct = [str(tiny_llama), str(rows), "0", "--random_projection", "--proj_dim", "16",
+              "--gradients_output_path", str(tmp_path / "direct"), *options]  # fmt: skip
+    assert cli.main(["extract", *direct]) == 0
+    assert shard_bytes(tmp_path / "gradients") == shard_bytes(tmp_path / "direct")
+    assert len(shard_bytes(tmp_path / "direct")) == 2
