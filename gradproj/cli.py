@@ -173,10 +173,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, options:
             continue
         flag = spec.pop("flag", f"--{name}")
         default = _default(fields[name])
-        if default not in (None, False, dataclasses.MISSING) and "default" not in spec["help"]:
-            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-            spec["help"] += f" (default: {shown})"
+        shown = default is not None and default is not False and default is not dataclasses.MISSING
+        if shown and "default" not in spec["help"]:
+            text = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            spec["help"] += f" (default: {text})"
         if kind is bool:
+            if default is not False:
+                raise RuntimeError(f"{config.__name__}.{name}: a flag must default to False")
             parser.add_argument(flag, dest=name, action="store_true", **spec)
         elif default is dataclasses.MISSING:
             parser.add_argument(flag, dest=name, type=kind, required=True, **spec)
@@ -300,6 +303,7 @@ class Command:
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    extra: str | None = None  # the pyproject extra whose packages the command needs
 
     def parser(self, prog: str | None = None) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
@@ -309,7 +313,16 @@ class Command:
         return parser
 
     def main(self, argv=None, prog: str | None = None) -> int:
-        return self.run(self.parser(prog).parse_args(argv))
+        try:
+            return self.run(self.parser(prog).parse_args(argv))
+        except ModuleNotFoundError as err:
+            if self.extra is None:
+                raise
+            from gradproj.errors import UserError
+
+            raise UserError(
+                f"this command needs {err.name}: pip install 'gradproj[{self.extra}]'"
+            ) from None
 
 
 COMMANDS = {
@@ -323,7 +336,7 @@ COMMANDS = {
     ),
     "compare": Command(
         "compare projected scores with the full-gradient ones", COMPARE_DOC,
-        add_compare_arguments, run_compare,
+        add_compare_arguments, run_compare, extra="analysis",
     ),
     "verify": Command("check a run's shards", VERIFY_DOC, add_run_dir_argument, run_verify),
     "merge": Command("rebuild a run's manifest", MERGE_DOC, add_run_dir_argument, run_merge),

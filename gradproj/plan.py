@@ -113,6 +113,10 @@ class PlanConfig:
                 self.lengths is not None or self.n_examples is not None,
                 "give --n_examples (or --lengths)",
             ),
+            (
+                self.lengths is None or (self.n_examples, self.mean_tokens) == (None, None),
+                "give --lengths, or --n_examples and --mean_tokens, not both",
+            ),
         ]
         for ok, message in checks:
             if not ok:

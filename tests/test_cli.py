@@ -111,3 +111,13 @@ def test_sbatch_runs_the_installed_command_without_a_checkout(tiny_llama, tmp_pa
     assert cli.main(["extract", *direct]) == 0
     assert shard_bytes(tmp_path / "gradients") == shard_bytes(tmp_path / "direct")
     assert len(shard_bytes(tmp_path / "direct")) == 2
+
+
+def test_compare_without_the_analysis_extra_names_it():
+    hide_pandas = "import sys; sys.modules['pandas'] = None; from gradproj.cli import entry_point; "
+    code = hide_pandas + "sys.argv = ['gradproj', 'compare', '--help']; entry_point()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip() == "error: this command needs pandas: pip install 'gradproj[analysis]'"
+    )
