@@ -77,6 +77,9 @@ class PlanConfig:
     n_examples: int | None = None
     mean_tokens: float | None = None
     lengths: Path | None = None
+    dataset: str | None = None
+    dataset_split: str = "train"
+    paradigm: str = "sft"
     max_seq_length: int = 4096
     proj_dim: str = "8192,16384,204800,2048000"
     proj_type: str = "rademacher"
@@ -89,6 +92,7 @@ class PlanConfig:
         self.validate()
 
     def validate(self) -> None:
+        from gradproj.data import PARADIGMS
         from gradproj.extract import parse_dims
         from gradproj.projection import PROJ_TYPES
 
@@ -99,6 +103,7 @@ class PlanConfig:
         checks = [
             (set(self.types) <= set(PROJ_TYPES), f"--proj_type: use {', '.join(PROJ_TYPES)}"),
             (self.gpu in DEVICES, f"--gpu {self.gpu!r}: use {', '.join(DEVICES)}"),
+            (self.paradigm in PARADIGMS, f"--paradigm {self.paradigm!r}: use sft, pre or mlm"),
             (self.gpus >= 1, "--gpus must be at least 1"),
             (self.max_seq_length >= 1, "--max_seq_length must be at least 1"),
             (
@@ -106,16 +111,16 @@ class PlanConfig:
                 "give --model, or --hidden_size, --layers and --params",
             ),
             (
-                self.lengths is not None or self.mean_tokens is not None,
-                "give --lengths (a run or a file of token counts) or --mean_tokens",
+                self.dataset is None or self.model is not None,
+                "--dataset needs --model (its tokenizer)",
             ),
             (
-                self.lengths is not None or self.n_examples is not None,
-                "give --n_examples (or --lengths)",
+                sum(x is not None for x in (self.dataset, self.lengths, self.n_examples)) == 1,
+                "give the data as one of --dataset, --lengths, or --n_examples with --mean_tokens",
             ),
             (
-                self.lengths is None or (self.n_examples, self.mean_tokens) == (None, None),
-                "give --lengths, or --n_examples and --mean_tokens, not both",
+                (self.n_examples is None) == (self.mean_tokens is None),
+                "give --n_examples and --mean_tokens together",
             ),
         ]
         for ok, message in checks:
@@ -160,8 +165,11 @@ def model_shape(cfg: PlanConfig) -> Shape:
 
 
 def token_lengths(cfg: PlanConfig) -> list[float]:
-    """Each example's token count before truncation: from --lengths (a run directory, its
-    manifest.json, or a text file with one count per line), else n_examples x mean_tokens."""
+    """Each example's token count: from --dataset (tokenized as the extraction does; examples
+    it would skip left out), --lengths (a run directory, its manifest.json, or a text file with
+    one count per line), or n_examples x mean_tokens."""
+    if cfg.dataset is not None:
+        return dataset_lengths(cfg)
     if cfg.lengths is None:
         return [cfg.mean_tokens] * cfg.n_examples
     path = Path(cfg.lengths)
@@ -175,6 +183,19 @@ def token_lengths(cfg: PlanConfig) -> list[float]:
         raise UserError(
             f"--lengths {cfg.lengths}: not a run or a list of token counts ({err})"
         ) from None
+
+
+def dataset_lengths(cfg: PlanConfig) -> list[int]:
+    from gradproj import data, models
+
+    rows = data.load_split(cfg.dataset, cfg.dataset_split)
+    data.check_columns(rows, cfg.paradigm)
+    tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, 0))
+    examples = (
+        data.tokenize(tokenizer, row, i, cfg.paradigm, cfg.max_seq_length)
+        for i, row in enumerate(rows)
+    )
+    return [ex.length for ex in examples if data.label_positions(ex, cfg.paradigm)]
 
 
 def gradient_rate(gpu: str) -> float:
@@ -338,6 +359,9 @@ PLAN_OPTIONS = {
     "n_examples": dict(help="examples in the split"),
     "mean_tokens": dict(help="tokens per example, before truncation (all assumed equal)"),
     "lengths": dict(help="a run directory, its manifest.json, or a file of token counts"),
+    "dataset": dict(help="a dataset to tokenize with --model's tokenizer (as gradproj extract)"),
+    "dataset_split": dict(help="split or slice of --dataset"),
+    "paradigm": dict(help="sft, pre or mlm, for --dataset"),
     "max_seq_length": dict(help="truncation length"),
     "proj_dim": dict(help="dims, comma-separated; 'full' adds the full gradient"),
     "proj_type": dict(help="rademacher, normal, sjlt, kronecker, comma-separated"),

@@ -87,6 +87,25 @@ def test_plan_prints_every_figure(capsys):
         assert needle in out, needle
 
 
+def test_dataset_lengths_are_what_the_extraction_computes(tiny_llama, sft_file, tmp_path):
+    """Planned from the dataset: the tokens and examples of a real extraction's manifest (the
+    examples it skips for want of a label token left out)."""
+    from gradproj.cli import extract_main
+    from gradproj.store import Run
+
+    argv = [str(tiny_llama), str(sft_file), "0", "--gradients_output_path", str(tmp_path),
+            "--max_seq_length", "24"]  # fmt: skip
+    assert extract_main(argv) == 0
+    (manifest,) = tmp_path.rglob("manifest.json")
+    run = Run(manifest.parent)
+    assert run.skipped  # the long examples lose every label token at 24 tokens
+    r = plan(PlanConfig(model=str(tiny_llama), dataset=str(sft_file), max_seq_length=24))
+    assert r["examples"] == len(run.manifest["examples"])
+    assert r["tokens"] == sum(e["tokens"] for e in run.manifest["examples"])
+
+
 def test_missing_model_shape_is_a_one_line_error(capsys):
     line = user_error_line(cli.main, ["plan", "--n_examples", "3", "--mean_tokens", "5"], capsys)
     assert "--model" in line
+    line = user_error_line(cli.main, ["plan", "--model", "m", "--n_examples", "3"], capsys)
+    assert "--mean_tokens" in line
