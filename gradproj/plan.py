@@ -297,6 +297,8 @@ def _size(nbytes: float) -> str:
 
 
 def _hours(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
     return f"{hours:,.1f} h" if hours < 48 else f"{hours:,.1f} h ({hours / 24:,.1f} days)"
 
 
