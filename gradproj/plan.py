@@ -14,7 +14,6 @@ Conventions (docs/plan.md):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +61,6 @@ PROJECTION_RATES = {
 }
 DENSE = ("rademacher", "normal")
 DEVICES = ("h100", "h200", "a100", "cpu")
-BYTES_PER_BLOCK_ENTRY = 24  # gradproj.projection: dense blocks, generator words and product
-PREFERRED_BLOCK = {"cpu": (2048, 2048), "cuda": (16384, 65536)}  # gradproj.projection
 
 
 @dataclass
@@ -215,19 +212,18 @@ def projection_seconds(gpu: str, proj_type: str, coordinates: float, k: int) -> 
 
 
 def block_gib(cfg: PlanConfig, proj_type: str, hidden: int) -> float:
-    """Memory of one block of the random matrix, as gradproj.projection sizes it."""
-    if proj_type not in DENSE:
+    """Memory of one block of the random matrix: the block the projector itself would choose
+    (constructing a Projector allocates nothing)."""
+    from gradproj.projection import _BYTES_PER_ENTRY, Projector
+
+    if proj_type not in _BYTES_PER_ENTRY:
         return 0.0
     budget = cfg.proj_memory_gb or (1.0 if cfg.gpu == "cpu" else GPU_MEMORY_GIB[cfg.gpu] / 4)
-    rows, cols = PREFERRED_BLOCK["cpu" if cfg.gpu == "cpu" else "cuda"]
     dims = [d for d in cfg.dims if d != "full"] or [1]
-    cols = min(cols, math.ceil(max(dims) / 64) * 64)
-    rows = min(rows, cfg.max_seq_length * hidden)
-    while rows * cols * BYTES_PER_BLOCK_ENTRY > budget * 2**30 / 2 and rows > 64:
-        rows //= 2
-    while rows * cols * BYTES_PER_BLOCK_ENTRY > budget * 2**30 / 2 and cols > 64:
-        cols //= 2
-    return rows * cols * BYTES_PER_BLOCK_ENTRY / 2**30
+    device = "cpu" if cfg.gpu == "cpu" else "cuda"
+    projector = Projector(proj_type, dims, 0, (cfg.max_seq_length, hidden), device, budget)
+    entries = projector.block_rows * projector.block_cols
+    return entries * _BYTES_PER_ENTRY[proj_type] / 2**30
 
 
 def original_hours(cfg: PlanConfig, shape: Shape, n: int, output) -> float:
@@ -243,7 +239,12 @@ def original_hours(cfg: PlanConfig, shape: Shape, n: int, output) -> float:
     flops = gradient_flops(shape.params, shape.layers, shape.hidden_size, cfg.max_seq_length)
     device = gradient_rate(cfg.gpu) / H100_FLOPS
     work = flops / original_flops / device
-    coordinates = cfg.max_seq_length * shape.hidden_size / (ORIGINAL_SEQ * 4096) / device
+    coordinates = (
+        cfg.max_seq_length
+        * shape.hidden_size
+        / (ORIGINAL_SEQ * ORIGINAL_MODEL["hidden_size"])
+        / device
+    )
     k = output if output == "full" else output[1]
     seconds = per_full * work if k == "full" else intercept * work + slope * k * coordinates
     return n * seconds / 3600 / cfg.gpus
