@@ -34,7 +34,7 @@ PER_FILE = 1000
 OURS = """
 import json, resource, sys, time, torch
 sys.path.insert(0, {repo!r})
-from score_influence import main
+from gradproj.cli import score_main as main
 began = time.time()
 main({argv!r})
 print(json.dumps({{"seconds": time.time() - began,

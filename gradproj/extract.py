@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +42,8 @@ class ExtractConfig:
     paradigm: str = "sft"
     mode: str = "store"
     random_projection: bool = False
-    proj_dim: list | str | None = field(default_factory=lambda: [16384])
-    proj_type: str | list | None = "rademacher"
+    proj_dim: list | str | None = None  # None: the target's default (see _target_defaults)
+    proj_type: str | list | None = None
     proj_seed: int = 42
     proj_memory_gb: float | None = None
     gradients_per_file: int = 1000

@@ -44,6 +44,7 @@ SCORES_FILE = "scores.safetensors"
 TOPK_FILE = "topk.jsonl"
 SUMMARY_FILE = "summary.json"
 MAPPED_DIR = "mapped"
+STORED_ZERO = "all-zero stored gradient"  # an exclusion found by scoring, not extraction
 SCORES_FORMAT = "gradproj-scores/1"
 # Coordinates per chunk of the position-aligned product (P = this // hidden positions): large
 # enough for an efficient matmul, small enough that padding to a chunk's end wastes little.
@@ -417,7 +418,7 @@ def _extend(meta: tuple[list, list], block: Block) -> None:
 def _keep(norms: torch.Tensor, ids: list, index: list, excluded: list[dict]) -> torch.Tensor:
     keep = norms > 0
     for i in torch.nonzero(~keep).flatten().tolist():
-        excluded.append({"id": ids[i], "index": index[i], "reason": "all-zero stored gradient"})
+        excluded.append({"id": ids[i], "index": index[i], "reason": STORED_ZERO})
     return keep
 
 
@@ -617,7 +618,11 @@ def write_mapped(out: Path, cfg: ScoreConfig, scores: Scores, train: store.Run) 
 
 
 def warn_excluded(excluded: dict[str, list[dict]]) -> None:
+    """Warn about the exclusions scoring found itself. Those the extraction skipped were warned
+    about by the extraction and are listed in summary.json: scoring the same runs at several
+    dims does not repeat them (the demo said the same example seven times)."""
     for role, items in excluded.items():
+        items = [e for e in items if e["reason"] == STORED_ZERO]
         if items:
             named = ", ".join(f"{e['id']} ({e['reason']})" for e in items[:10])
             more = f" and {len(items) - 10} more" if len(items) > 10 else ""

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # gradproj importable without installing the pack
 MAIN_RESULTS = [
     new_markdown_cell(
         "# Main results: how projection changes the ranking of train examples\n\n"
-        "Thin over `gradproj.analysis` (definitions: the README's analysis section). Set the score "
+        "Thin over `gradproj.analysis` (definitions: docs/analysis.md). Set the score "
         "directories below; by default the demo's scores (`bash scripts/demo.sh`)."
     ),
     new_code_cell(

@@ -56,7 +56,7 @@ def all_scores(test, train):
 
 
 def write_score_dir(path, scores, train_ids, test_ids, projection):
-    """A score directory as score_influence.py writes it (docs/CONTRACTS.md)."""
+    """A score directory as score_influence.py writes it (docs/formats.md)."""
     path.mkdir(parents=True)
     metadata = {"gradproj": json.dumps({"train_ids": train_ids, "test_ids": test_ids})}
     save_file(
@@ -435,7 +435,7 @@ def test_measured_agreement_is_close_to_the_jl_prediction(tmp_path, score_dirs):
 
 
 def write_full_run(path, ids, rows, max_seq_length):
-    """A full-gradient run directory as extract_gradients.py writes it (docs/CONTRACTS.md)."""
+    """A full-gradient run directory as extract_gradients.py writes it (docs/formats.md)."""
     path.mkdir(parents=True)
     examples = [
         {
@@ -524,7 +524,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):
-    from compare_projections import main
+    from gradproj.cli import compare_main as main
     from gradproj.errors import run_cli
 
     with pytest.raises(SystemExit) as exit_info:

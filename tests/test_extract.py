@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from extract_gradients import main
 from gradproj import data, store
+from gradproj.cli import extract_main as main
 from tests.conftest import REPO, conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40

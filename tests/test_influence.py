@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from extract_gradients import main as extract_main
 from gradproj import influence, store
-from score_influence import main
+from gradproj.cli import extract_main
+from gradproj.cli import score_main as main
 from tests.conftest import REPO, conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40
@@ -239,7 +239,8 @@ def test_zero_gradients_are_excluded_and_reported(tmp_path, capsys):
     assert {e["id"] for e in excluded["test"]} == {"s3"}
     assert "s2" not in info["train_ids"] and "s3" not in info["test_ids"]
     warning = capsys.readouterr().err
-    assert "s2 (all-zero stored gradient)" in warning and "s4 (zero gradient)" in warning
+    # s4 was skipped (and warned about) by the extraction: scoring does not repeat it
+    assert "s2 (all-zero stored gradient)" in warning and "s4" not in warning
     kept = torch.stack([v for i, v in enumerate(vectors) if i != 2]).double()
     t = torch.stack(test_vectors[:3]).double()
     cosine = (t @ kept.T) / (t.norm(dim=1)[:, None] * kept.norm(dim=1)[None, :])
@@ -322,10 +323,12 @@ def test_default_output_path(real_runs, tmp_path, monkeypatch):
 
 def test_sbatch_takes_the_original_positional_arguments(real_runs, tmp_path):
     train, test = real_runs["train", "rademacher_16"], real_runs["test", "rademacher_16"]
-    env = os.environ | {"GRADPROJ_PYTHON": sys.executable, "GRADPROJ_HOME": str(REPO)}
-    argv = ["bash", "score_influence.sbatch", "cosine", str(real_runs["train_file"]), str(train),
-            str(test), "-", "yes", "--output", str(tmp_path / "s")]  # fmt: skip
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    # no GRADPROJ_HOME, submitted from elsewhere: the script finds the installed package
+    env = os.environ | {"GRADPROJ_PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env.pop("GRADPROJ_HOME", None)
+    argv = ["bash", str(REPO / "score_influence.sbatch"), "cosine", str(real_runs["train_file"]),
+            str(train), str(test), "-", "yes", "--output", str(tmp_path / "s")]  # fmt: skip
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     tensors, _ = read_scores(tmp_path / "s")
     assert list(tensors) == ["cosine"] and len(list((tmp_path / "s" / "mapped").iterdir())) > 0

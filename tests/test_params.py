@@ -8,8 +8,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from extract_gradients import main
 from gradproj import data, store
+from gradproj.cli import extract_main as main
 from gradproj.gradients import capture_linear_layers, kronecker_linear_projections, linear_modules
 from gradproj.params import ParamsTarget
 from gradproj.projection import Projector
@@ -192,7 +192,7 @@ def test_scoring_accepts_params_runs_and_refuses_to_mix_targets(
 ):
     from safetensors.torch import load_file
 
-    from score_influence import main as score
+    from gradproj.cli import score_main as score
 
     kron = ["--random_projection", "--proj_type", "kronecker", "--proj_dim", "2x4"]
     extract(tiny_llama, sft_file, tmp_path, "--target", "params", *kron)

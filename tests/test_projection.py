@@ -364,7 +364,7 @@ def _padded(grad):
 
 
 def _theoretical_variance(proj_type: str, s: int = 1) -> float:
-    """Var <Pa, Pb> at k = MC_K from the closed forms in the README (Random projections)."""
+    """Var <Pa, Pb> at k = MC_K from the closed forms in docs/projection.md."""
     x, y = (_padded(g) for g in _mc_pair())
     norms, dot = float((x * x).sum() * (y * y).sum()), float((x * y).sum())
     diagonal = float((x * x * y * y).sum())

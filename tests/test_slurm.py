@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from extract_gradients import main
 from gradproj import extract, store
+from gradproj.cli import extract_main as main
 from gradproj.errors import UserError
 from tests.conftest import REPO, conversations, write_jsonl
 from tests.slurm_cluster import FINAL_STATES, slurm_cluster  # noqa: F401

@@ -1,10 +1,12 @@
 """compare_projections: how much projection changes the ranking of train examples."""
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
@@ -323,28 +325,45 @@ def ablation_record(row: AblationRow, config: CompareConfig) -> dict:
 
 
 def compare_projections(config: CompareConfig) -> Comparison:
-    """Compute every table and figure and write them, with report.md, under config.output."""
+    """Compute every table and figure and write them, with report.md, under config.output;
+    a progress line on stderr names the step that runs."""
     from gradproj.analysis.report import write_outputs
 
     config.validate()
-    reference, candidates = load_inputs(config)
     notes: list[str] = []
-    if reference.manifest.get("kind") != "full":
-        notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
-    metrics = compute_metrics(reference, candidates, config.top_ks)
-    summary = summarize_metrics(metrics, config.n_bootstrap, config.seed)
-    theory = jl_theory(reference, candidates, config, notes)
-    comparison = Comparison(
-        reference=reference,
-        candidates=candidates,
-        metrics=metrics,
-        summary=summary,
-        permutation_tests=permutation_tests(metrics, config.n_permutations, config.seed),
-        theory=theory,
-        theory_vs_measured=compare_with_theory(summary, theory, config.flag_margin),
-        dispersion=score_dispersion([reference, *candidates]),
-        ablation=ablation_table(reference, candidates, config) if config.emulate_original else None,
-        notes=notes,
-    )
-    write_outputs(comparison, config.output)
+    steps = 7 + config.emulate_original
+    with tqdm(total=steps, desc="compare", unit="step", file=sys.stderr) as bar:
+
+        def step(name: str, compute, *args):
+            bar.set_postfix_str(name)
+            result = compute(*args)
+            bar.update()
+            return result
+
+        reference, candidates = step("loading scores", load_inputs, config)
+        if reference.manifest.get("kind") != "full":
+            notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
+        metrics = step("agreement metrics", compute_metrics, reference, candidates, config.top_ks)
+        summary = step("bootstrap CIs", summarize_metrics, metrics, config.n_bootstrap, config.seed)
+        tests = step(
+            "permutation tests", permutation_tests, metrics, config.n_permutations, config.seed
+        )
+        theory = step("JL prediction", jl_theory, reference, candidates, config, notes)
+        dispersion = step("score dispersion", score_dispersion, [reference, *candidates])
+        ablation = None
+        if config.emulate_original:
+            ablation = step("emulating the original", ablation_table, reference, candidates, config)
+        comparison = Comparison(
+            reference=reference,
+            candidates=candidates,
+            metrics=metrics,
+            summary=summary,
+            permutation_tests=tests,
+            theory=theory,
+            theory_vs_measured=compare_with_theory(summary, theory, config.flag_margin),
+            dispersion=dispersion,
+            ablation=ablation,
+            notes=notes,
+        )
+        step("tables, figures, report", write_outputs, comparison, config.output)
     return comparison

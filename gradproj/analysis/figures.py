@@ -133,7 +133,9 @@ def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kenda
         ax.set_title(f"{label} (median {per_test.median():.3f})", fontsize="medium")
         ax.set_xlabel(metric_label(metric))
         ax.set_ylabel("test examples")
-        ax.label_outer()  # x labels on the bottom row only, y labels on the left column only
+        # every panel its own axes: shared axes hide inner tick labels, and a hidden panel
+        # below would leave a column without any
+        ax.tick_params(labelbottom=True, labelleft=True)
     for ax in list(axes.flat)[len(labels) :]:
         ax.set_visible(False)
     fig.suptitle(f"Dot vs cosine ranking agreement ({metric_label(metric)})")

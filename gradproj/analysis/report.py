@@ -1,5 +1,6 @@
 """Writing the comparison: CSV tables, PNG figures and report.md tying them together."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +59,26 @@ def render_report(comparison) -> str:
         + ".\n",
         "Every metric is computed per test example from the scores (never from file order); "
         "tables give the median over test examples with a 95% bootstrap CI. Definitions: "
-        "the README of gradproj (comparing projections).\n",
+        "docs/analysis.md of gradproj.\n",
         *[f"- {note}" for note in comparison.notes],
         "\n## Agreement with the reference\n",
         headline_table(comparison.summary),
+        metric_definitions(comparison.summary),
         *figure_links(comparison.figures, "violin_"),
         *figure_links(comparison.figures, "agreement_vs_dim"),
         "\n## Consecutive dims: permutation test of the difference of medians\n",
+        "`median_difference`: median Kendall's tau at `dim_high` minus at `dim_low`; `p_value`: "
+        "two-sided, the two dims' values pooled and reshuffled `n_permutations` times.\n",
         markdown_table(kendall_only(comparison.permutation_tests)),
         "\n## Johnson-Lindenstrauss prediction vs measurement (Kendall's tau)\n",
+        "`predicted_median`: the median Kendall's tau expected from the noise of a dense "
+        "projection at that dim alone (scores plus normal noise of the JL size, ranked again); "
+        "`flagged`: the measured median lies more than the flag margin below it, its CI "
+        "entirely below.\n",
         theory_section(comparison.theory_vs_measured),
         "\n## Dot vs cosine within one dimension\n",
+        "Kendall's tau between the dot-product ranking and the cosine ranking of the same "
+        "directory, per test example (the original study's dot-vs-cosine histogram).\n",
         markdown_table(dot_vs_cosine_table(comparison.summary)),
         *figure_links(comparison.figures, "dot_vs_cosine"),
         "\n## Score dispersion (mean over test examples of the std of train scores)\n",
@@ -108,6 +118,38 @@ def headline_table(summary: pd.DataFrame) -> str:
     ).reset_index()
     ordered = [m for m in HEADLINE_METRICS if m in table.columns]
     return markdown_table(table[["function", "projection_type", "dim", *ordered]])
+
+
+METRIC_DEFINITIONS = {
+    "kendall_tau": "Kendall's tau-b between the candidate's and the reference's scores of the "
+    "train examples: 1 same order, 0 unrelated, -1 reversed",
+    "spearman_rho": "Spearman's rho: the correlation of the two rankings (average ranks for ties)",
+    "top{k}_overlap": "share of the reference's {k} highest-scored train examples that are also "
+    "among the candidate's {k} highest",
+    "ndcg@{k}": "NDCG over the candidate's first {k} train examples, each worth n minus its "
+    "reference rank (the reference's best is worth n): 1 when they are the reference's first {k} "
+    "in its order",
+    "ndcg_original": "the original study's NDCG: relevance 1 / (reference rank + 1) over the "
+    "whole list, so it weighs almost only the first few positions",
+}
+
+
+def metric_definitions(summary: pd.DataFrame) -> str:
+    """One line per metric the headline table shows, with the table's cells explained."""
+    shown = [m for m in HEADLINE_METRICS if m in set(summary.metric)]
+    lines = [
+        "Per test example, then the median over test examples [95% bootstrap CI]:\n",
+        *(f"- `{m}`: {metric_definition(m)}." for m in shown),
+    ]
+    return "\n".join(lines) + "\n" if shown else ""
+
+
+def metric_definition(metric: str) -> str:
+    for pattern, text in METRIC_DEFINITIONS.items():
+        match = re.fullmatch(re.escape(pattern).replace(r"\{k\}", r"(\d+)"), metric)
+        if match:
+            return text.format(k=match.group(1)) if match.groups() else text
+    raise KeyError(f"no definition of the metric {metric!r}")
 
 
 def ci_cell(row) -> str:

@@ -1,0 +1,58 @@
+"""docs/architecture.md against the code: the import rule between stages, and every `gradproj.`
+name the page writes exists."""
+
+import ast
+import importlib
+import re
+
+from tests.conftest import REPO
+
+PAGE = (REPO / "docs" / "architecture.md").read_text()
+FRONT_ENDS = {"cli", "extract", "plan", "__main__"}
+
+
+def stages() -> list[str]:
+    (line,) = [x for x in PAGE.splitlines() if x.startswith("Stages: ")]
+    return line.removeprefix("Stages: ").split(" -> ")
+
+
+def gradproj_imports(path) -> set[str]:
+    """The gradproj modules a file imports, anywhere in it, as their first component."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradproj"):
+            parts = node.module.split(".")
+            names |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gradproj.")}
+    return names
+
+
+def test_a_stage_imports_only_stages_to_its_left():
+    order = stages()
+    package = REPO / "gradproj"
+    assert set(order) <= {p.stem for p in package.glob("*.py")} | {"analysis"}
+    for path in [*package.glob("*.py"), *(package / "analysis").glob("*.py")]:
+        stage = "analysis" if path.parent.name == "analysis" else path.stem
+        if stage in FRONT_ENDS or stage in ("errors", "__init__"):
+            continue
+        assert stage in order, f"{path.name} is neither a stage nor a front end in the page"
+        allowed = set(order[: order.index(stage) + 1]) | {"errors", "__version__"}
+        wrong = gradproj_imports(path) - allowed
+        assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"
+
+
+def test_every_gradproj_name_on_the_page_exists():
+    names = set(re.findall(r"`(gradproj(?:\.\w+)+)", PAGE))
+    assert len(names) > 10
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attribute in parts[cut:]:
+            assert hasattr(obj, attribute), name
+            obj = getattr(obj, attribute)
