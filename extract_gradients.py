@@ -71,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="add the exact gradient; with --target params and no --random_projection, only it",
     )
+    p.add_argument(
+        "--skip_invalid_rows",
+        action="store_true",
+        help="record rows the paradigm cannot use in the manifest's skipped, and go on",
+    )
     p.add_argument("--verify", metavar="RUN_DIR", help="check a run's shards and exit")
     p.add_argument("--merge", metavar="RUN_DIR", help="rebuild a run's manifest.json and exit")
     return p.parse_args(argv)

@@ -1,9 +1,11 @@
 """Run directories: atomic safetensors shards, per-task manifest parts, a merged manifest.
 
-A run directory holds `<start>_<end>.safetensors` shards (dataset rows start..end-1) and one
-`manifest.json`. Each shard carries its own examples, skipped examples and a content checksum in
-its metadata, so a shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the
-manifest from the shards alone, and nothing depends on which process wrote what.
+A run directory holds `<start>_<end>.safetensors` shards (positions start..end-1 among the rows
+the split chose; each example records its row of the split as `index`) and one `manifest.json`.
+Each shard carries its own examples, skipped examples and a content checksum in its metadata, so a
+shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the manifest from the
+shards alone, and nothing depends on which process wrote what. A process claims a shard (an flock
+in `.locks/`) before computing it, so concurrent processes on one run split the work.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,11 +34,24 @@ RUN_FORMAT = "gradproj-run/1"
 DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped")
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a file (0666) or directory (0777) made private by tempfile the umask's modes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -107,11 +123,24 @@ def write_shard(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".shard-") as tmpdir:
         tmp = Path(tmpdir) / path.name
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return shard_entry(path, record)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors' save_file, whose I/O errors (a full disk) become the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as err:  # safetensors reports I/O failures as SafetensorError
+        code = re.search(r"code: (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
 
 
 def shard_entry(path: Path, record: ShardRecord) -> dict:
@@ -275,6 +304,41 @@ class Run:
                 return entry["file"], i
             i -= entry["n"]
         raise IndexError(f"example {i} out of range")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any compute when a run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / ".lock", "a"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"cannot write the output directory {run_dir} ({err.strerror}); choose a writable "
+            "--gradients_output_path"
+        ) from err
+
+
+@contextlib.contextmanager
+def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Iterator[bool]:
+    """Claim a shard for this process across its run directories: yields whether it got it.
+
+    The claim is an flock on `.locks/<shard>.lock` in each directory, so it dies with its
+    holder: a killed process never blocks the shard. Without `wait`, a shard another process
+    holds is not waited for (it yields False); lock files are kept, as deleting one that another
+    process has open would let two processes hold "the same" lock.
+    """
+    with contextlib.ExitStack() as stack:
+        for run_dir in run_dirs:
+            folder = Path(run_dir) / ".locks"
+            folder.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(folder / f"{start}_{end}.lock", "a"))
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+        yield True
 
 
 @contextlib.contextmanager
