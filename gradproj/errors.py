@@ -16,6 +16,7 @@ ENVIRONMENT_ERRNOS = {
     "(nothing partial was kept: rerun the same command to resume)",
     errno.EDQUOT: "disk quota exceeded; free some space or choose another directory "
     "(nothing partial was kept: rerun the same command to resume)",
+    errno.EIO: "input/output error; check the disk or network file system",
     errno.ENOENT: "no such file or directory",
     errno.ENOTDIR: "a part of the path is not a directory",
     errno.EISDIR: "is a directory, not a file",

@@ -490,6 +490,8 @@ class Extractor:
 
     def run(self, start: int, end: int) -> int:
         began = time.time()
+        for path in self.outputs.dirs.values():
+            store.remove_leftovers(path)
         ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
         # Each manifest is read once here, not once per shard: it lists every example.
         recorded = {d: store.recorded_checksums(d) for d in self.outputs.dirs.values()}
@@ -506,8 +508,10 @@ class Extractor:
             for s, e in held:
                 self.write_claimed(s, e, progress, wait=True)
                 logger.log(self.stats, began)
-        except Stopped:
-            progress.close()
+        except BaseException as err:
+            progress.close()  # an error message must not share the progress bar's line
+            if not isinstance(err, Stopped):
+                raise
             self.merge_all({})
             sig = self.preemption.signal
             done = len(ranges) - len(todo) + self.stats["shards_written"]
@@ -622,6 +626,8 @@ class Extractor:
         """store_mean: one vector per output, the mean over every example with a gradient."""
         began = time.time()
         n = len(self.rows)
+        for path in self.outputs.dirs.values():
+            store.remove_leftovers(path)
         progress = tqdm(total=n, unit="ex", desc="gradients")
         kept, skipped = self.tokenize(0, n)
         progress.update(len(skipped))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ def write_shard(
     metadata = {"gradproj": json.dumps(info, sort_keys=True)}
     path = Path(run_dir) / shard_name(start, end)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".shard-") as tmpdir:
+    # named by the shard: a dead writer's leftover is removed by whoever claims the shard next
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".shard-{start}_{end}-") as tmpdir:
         tmp = Path(tmpdir) / path.name
         save_safetensors(tensors, tmp, metadata)
         with open(tmp, "rb+") as f:
@@ -131,16 +133,18 @@ def write_shard(
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    """safetensors' save_file, whose I/O errors (a full disk) become the OSError they are."""
+    """safetensors' save_file, with the umask's mode, and whose I/O errors (a full disk) become
+    the OSError they are."""
     try:
         save_file(tensors, str(path), metadata=metadata)
     except OSError:
         raise
     except Exception as err:  # safetensors reports I/O failures as SafetensorError
-        code = re.search(r"code: (\d+)", str(err))
+        code = re.search(r"\(os error (\d+)\)", str(err))  # the Rust std::io::Error's errno
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+    honour_umask(path)  # safetensors writes through a 0600 temporary file
 
 
 def shard_entry(path: Path, record: ShardRecord) -> dict:
@@ -341,6 +345,21 @@ def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Itera
         yield True
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove the temporary shard directories of writers killed mid-write (SIGKILL, OOM).
+
+    A writer holds its shard's claim while its temporary directory exists, so a directory
+    whose shard can be claimed belongs to a dead process.
+    """
+    for leftover in Path(run_dir).glob(".shard-*"):
+        span = re.fullmatch(r"\.shard-(\d+)_(\d+)-.*", leftover.name)
+        if span is None:
+            continue
+        with claim_shard([run_dir], int(span[1]), int(span[2]), wait=False) as claimed:
+            if claimed:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Serialises manifest merges of concurrent job-array tasks writing one run directory."""
@@ -365,6 +384,8 @@ def merge_manifest(
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         path = run_dir / MANIFEST
+        for leftover in run_dir.glob(f".{MANIFEST}.*.tmp"):  # of a merge killed mid-write
+            leftover.unlink(missing_ok=True)
         known = {}
         if path.is_file():
             with contextlib.suppress(json.JSONDecodeError, KeyError):
