@@ -141,10 +141,21 @@ def json_problem(path: Path) -> str | None:
                 return f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno})"
             if not isinstance(value, dict):
                 return f"{path} line {number}: {_kind(value)}, not a JSON object (one row per line)"
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:
+                return (
+                    f"{path} line {number}: a string holds an unpaired surrogate "
+                    f"({err.object[err.start : err.end]!a}), which is not valid Unicode text"
+                )
     return None
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause: wrappers such as datasets' "An error occurred
+    while generating the dataset" say nothing of what went wrong."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 

@@ -200,3 +200,40 @@ def test_projection_options_without_random_projection_are_refused(
         "add --random_projection (and 'full' in --proj_dim to keep them too)"
     )
     assert not out.exists()
+
+
+def test_unpaired_surrogate_names_its_line(tmp_path):
+    dataset = tmp_path / "surrogate.jsonl"
+    row = conversations(1)[0]
+    row["messages"][0]["content"] = "half a pair: \ud800"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in (conversations(1)[0], row, row)))
+    with pytest.raises(data.UserError) as info:
+        data.load_split(str(dataset), "train")
+    assert str(info.value) == (
+        f"{dataset} line 2: a string holds an unpaired surrogate ('\\ud800'), "
+        "which is not valid Unicode text"
+    )
+
+
+def test_text_the_tokenizer_cannot_take_is_named_or_skipped(
+    tiny_llama, sft_file, tmp_path, monkeypatch, capsys
+):
+    real = data.tokenize
+
+    def fussy(tokenizer, row, index, *args):
+        if index == 6:
+            raise ValueError("cannot encode this")
+        return real(tokenizer, row, index, *args)
+
+    monkeypatch.setattr(data, "tokenize", fussy)
+    out = tmp_path / "out"
+    (line,) = error_lines(argv(tiny_llama, sft_file, out), capsys)
+    assert line == (
+        "error: row 6 (id 'ex_006'): the tokenizer cannot take it (ValueError: cannot encode "
+        "this); fix it or --skip_invalid_rows"
+    )
+    assert main(argv(tiny_llama, sft_file, out, "--skip_invalid_rows")) == 0
+    run = store.Run(run_path(out, tiny_llama, sft_file))
+    assert {s["id"]: s["reason"] for s in run.skipped}["ex_006"] == (
+        "invalid row: the tokenizer cannot take it (ValueError: cannot encode this)"
+    )
