@@ -125,7 +125,10 @@ def write_shard(
     # named by the shard: a dead writer's leftover is removed by whoever claims the shard next
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".shard-{start}_{end}-") as tmpdir:
         tmp = Path(tmpdir) / path.name
-        save_safetensors(tensors, tmp, metadata)
+        try:
+            save_safetensors(tensors, tmp, metadata)
+        except OSError as err:  # name the shard, not its temporary file, which is removed
+            raise OSError(err.errno, err.strerror, str(path)) from err
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
