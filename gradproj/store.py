@@ -336,7 +336,7 @@ def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Itera
     process has open would let two processes hold "the same" lock.
     """
     with contextlib.ExitStack() as stack:
-        for run_dir in run_dirs:
+        for run_dir in sorted(map(Path, run_dirs)):  # one order for all: waiting cannot deadlock
             folder = Path(run_dir) / ".locks"
             folder.mkdir(parents=True, exist_ok=True)
             f = stack.enter_context(open(folder / f"{start}_{end}.lock", "a"))
