@@ -103,6 +103,9 @@ EXTRACT_OPTIONS = {
     "full": dict(
         help="add the exact gradient; with --target params and no --random_projection, only it"
     ),
+    "skip_invalid_rows": dict(
+        help="record rows the paradigm cannot use in the manifest's skipped, and go on"
+    ),
 }
 
 SCORE_OPTIONS = {

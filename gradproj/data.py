@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ TULU_CHAT_TEMPLATE = (
 )
 
 _SPLIT = re.compile(r"^([\w.-]+)(\[.*\])?$")
+_ROW_SLICE = re.compile(r"^[\w.-]+\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]$")
+ROLES = ("system", "user", "assistant")
+NO_ASSISTANT = "no assistant turn (sft computes the loss on assistant turns only)"
+# Invalid rows named in an error before the rest are only counted.
+MAX_NAMED = 20
 
 
 @dataclass
@@ -57,13 +63,25 @@ def split_name(split: str) -> str:
 
 def load_split(dataset: str, split: str) -> datasets.Dataset:
     """A local .json/.jsonl/.parquet file, a save_to_disk directory or a hub dataset, sliced."""
+    return load_rows(dataset, split)[0]
+
+
+def load_rows(dataset: str, split: str) -> tuple[datasets.Dataset, int]:
+    """The rows a split (or slice of it) chooses, and the split row of the first of them."""
     base = split_name(split)
     full = _load_base_split(dataset, base)
     try:
         (instr,) = datasets.ReadInstruction.from_spec(split).to_absolute({base: len(full)})
     except Exception as err:
         raise UserError(f"split slice {split!r} is not valid: {err}") from err
-    return full.select(range(instr.from_, instr.to))
+    bounds = _ROW_SLICE.match(split)
+    for bound in bounds.groups() if bounds else ():
+        if bound is not None and (int(bound) > len(full) or -int(bound) > len(full)):
+            raise UserError(
+                f"split slice {split!r} reaches past the end of split {base!r} of {dataset}, "
+                f"which has {len(full)} rows (0..{len(full) - 1})"
+            )
+    return full.select(range(instr.from_, instr.to)), instr.from_
 
 
 def _load_base_split(dataset: str, base: str) -> datasets.Dataset:
@@ -82,7 +100,8 @@ def _load_base_split(dataset: str, base: str) -> datasets.Dataset:
         try:
             return datasets.load_dataset(builder, data_files={base: str(path)}, split=base)
         except Exception as err:
-            raise UserError(f"cannot read {dataset}: {_first_line(err)}") from err
+            problem = json_problem(path) if builder == "json" else None
+            raise UserError(problem or f"cannot read {dataset}: {_first_line(err)}") from err
     return _load_hub_split(dataset, base)
 
 
@@ -100,7 +119,43 @@ def _load_hub_split(dataset: str, base: str) -> datasets.Dataset:
         ) from err
 
 
-def _first_line(err: Exception) -> str:
+def json_problem(path: Path) -> str | None:
+    """Why a .json/.jsonl file cannot be loaded, naming the file and line; None if not found."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16).lstrip()
+    if not head:
+        return f"{path} is empty: it holds no rows; give a file with one JSON object per line"
+    if head.startswith("["):  # one JSON array rather than JSON lines
+        try:
+            json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as err:
+            return f"{path} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(value, dict):
+                return f"{path} line {number}: {_kind(value)}, not a JSON object (one row per line)"
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:
+                return (
+                    f"{path} line {number}: a string holds an unpaired surrogate "
+                    f"({err.object[err.start : err.end]!a}), which is not valid Unicode text"
+                )
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause: wrappers such as datasets' "An error occurred
+    while generating the dataset" say nothing of what went wrong."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
@@ -119,6 +174,78 @@ def conversation(row: dict) -> list[dict]:
     if isinstance(messages[0], list):
         messages = [m for group in messages for m in group]
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _kind(value) -> str:
+    kinds = {
+        type(None): "null",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        bool: "a boolean",
+    }
+    return kinds.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def conversation_problem(messages, need_assistant: bool) -> str | None:
+    """What is wrong with a conversation, or None: a non-empty list of {role, content} objects."""
+    if messages is None:
+        return "no 'messages'"
+    if not isinstance(messages, list):
+        return f"'messages' is {_kind(messages)}, not a list of messages"
+    if messages and all(isinstance(m, list) for m in messages):  # UltraChat nests one level
+        messages = [m for group in messages for m in group]
+    if not messages:
+        return "'messages' is empty"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] is {_kind(m)}, not an object with 'role' and 'content'"
+        if m.get("role") is None:
+            return f"messages[{i}] has no 'role'"
+        if m["role"] not in ROLES:
+            return f"messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}] 'content' is {_kind(m.get('content'))}, not a string"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return NO_ASSISTANT
+    return None
+
+
+def row_problem(row: dict, paradigm: str) -> str | None:
+    """Why a row cannot be an example of the paradigm, or None when it can."""
+    if paradigm == "sft":
+        return conversation_problem(row.get("messages"), need_assistant=True)
+    text = row.get("text")
+    if text is not None:
+        return None if isinstance(text, str) else f"'text' is {_kind(text)}, not a string"
+    if row.get("messages") is None:
+        return "neither 'text' nor 'messages'"
+    return conversation_problem(row["messages"], need_assistant=False)
+
+
+def invalid_rows(rows: datasets.Dataset, paradigm: str, first_row: int = 0) -> list[dict]:
+    """Every row the paradigm cannot use: its split row, id and what is wrong."""
+    needed = [c for c in ("id", "prompt_id", "text", "messages") if c in rows.column_names]
+    found, position = [], 0
+    for batch in rows.select_columns(needed).iter(batch_size=1024):
+        columns = list(batch)
+        for values in zip(*batch.values(), strict=True):
+            row = dict(zip(columns, values, strict=True))
+            problem = row_problem(row, paradigm)
+            if problem:
+                index = first_row + position
+                found.append({"index": index, "id": example_id(row, index), "reason": problem})
+            position += 1
+    return found
+
+
+def describe_invalid(found: list[dict], where: str, outcome: str) -> str:
+    """Invalid rows: their count and `outcome`, then one line per row (the first MAX_NAMED)."""
+    lines = [f"{len(found)} row(s) of {where} cannot be used; {outcome}"]
+    lines += [f"  row {r['index']} (id {r['id']!r}): {r['reason']}" for r in found[:MAX_NAMED]]
+    if len(found) > MAX_NAMED:
+        lines.append(f"  ... and {len(found) - MAX_NAMED} more")
+    return "\n".join(lines)
 
 
 def check_columns(ds: datasets.Dataset, paradigm: str) -> None:

@@ -1,15 +1,44 @@
 """User-facing errors: one line, exit code 2, never a traceback."""
 
+import errno
 import sys
+import traceback
 from collections.abc import Callable
+
+# Where a bug is reported: the project has no public address of its own yet.
+REPORT_TO = "the gradproj issue tracker"
+# OS errors of the environment, not of gradproj: the user (or the cluster's admin) can fix them.
+ENVIRONMENT_ERRNOS = {
+    errno.EACCES: "permission denied; choose a directory you can write, or fix its permissions",
+    errno.EPERM: "operation not permitted; choose a directory you can write",
+    errno.EROFS: "read-only file system; choose a writable directory",
+    errno.ENOSPC: "no space left on the device; free some space or choose another directory "
+    "(nothing partial was kept: rerun the same command to resume)",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another directory "
+    "(nothing partial was kept: rerun the same command to resume)",
+    errno.EIO: "input/output error; check the disk or network file system",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EISDIR: "is a directory, not a file",
+}
 
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the problem and what to do."""
 
 
+def environment_message(err: OSError) -> str | None:
+    """The one-line message for an OS error of the environment, or None for another error."""
+    advice = ENVIRONMENT_ERRNOS.get(err.errno)
+    if advice is None:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{advice}"
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a command's main, turning UserError into a one-line message and exit code 2."""
+    """Run a command's main: UserError and environment errors give one line and exit code 2;
+    anything else is a bug in gradproj, reported as one with its traceback, exit code 1."""
     try:
         code = main()
     except UserError as err:
@@ -18,4 +47,23 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:
+        message = environment_message(err)
+        if message is None:
+            _internal_error(err)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        _internal_error(err)
     sys.exit(code or 0)
+
+
+def _internal_error(err: BaseException) -> None:
+    traceback.print_exception(err, file=sys.stderr)
+    print(
+        f"internal error: {type(err).__name__}: {err}\nThis is a bug in gradproj, not a problem "
+        f"of your input. Please report it to {REPORT_TO} with the command line and the "
+        "traceback above.",
+        file=sys.stderr,
+    )
+    sys.exit(1)

@@ -61,11 +61,13 @@ class ExtractConfig:
     modules: str | list | None = None
     include_lm_head: bool = False
     full: bool = False
+    skip_invalid_rows: bool = False
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # CPU: small batches stay in cache (measured: 1024 tokens ran 2.3x faster than 8192)
         self.batch_tokens = self.batch_tokens or (8192 if self.device.startswith("cuda") else 1024)
+        self._check_projection_options()
         self._target_defaults()
         self.proj_dim = parse_dims(self.proj_dim) if self.random_projection else ["full"]
         if self.full and "full" not in self.proj_dim:
@@ -113,6 +115,16 @@ class ExtractConfig:
         if self.target == "params":
             identity |= {"modules": self.modules, "include_lm_head": self.include_lm_head}
         return identity
+
+    def _check_projection_options(self) -> None:
+        """--proj_dim/--proj_type without a projection would be silently ignored: refuse."""
+        projects = self.random_projection or (self.target == "params" and not self.full)
+        given = [f"--{k}" for k in ("proj_dim", "proj_type") if getattr(self, k) is not None]
+        if given and not projects:
+            raise UserError(
+                f"{' and '.join(given)} without --random_projection would store only full "
+                "gradients; add --random_projection (and 'full' in --proj_dim to keep them too)"
+            )
 
     def _target_defaults(self) -> None:
         """--target params projects by default, with kronecker 16x16 per layer; --full alone
@@ -316,11 +328,17 @@ def run_extraction(cfg: ExtractConfig) -> int:
         print(f"gradient folder exists, skipping: {', '.join(map(str, dirs.values()))}")
         return 0
     check_existing(cfg, dirs)
-    rows = data.load_split(cfg.dataset, cfg.dataset_split)
+    rows, first_row = data.load_rows(cfg.dataset, cfg.dataset_split)
     data.check_columns(rows, cfg.paradigm)
     if cfg.limit is not None:
         rows = rows.select(range(min(cfg.limit, len(rows))))
     start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
+    if all(is_complete(d, len(rows)) for d in dirs.values()):  # may be read-only: write nothing
+        print(f"complete already, nothing to do: {', '.join(map(str, dirs.values()))}")
+        return 0
+    check_rows(cfg, rows, first_row)
+    for path in dirs.values():
+        store.check_writable(path)
     if cfg.mode == "store_mean":
         if cfg.start is not None or cfg.end is not None:
             raise UserError("--mode store_mean averages the whole dataset: drop --start/--end")
@@ -336,10 +354,37 @@ def run_extraction(cfg: ExtractConfig) -> int:
         checkpoint, cfg.paradigm, models.resolve_dtype(cfg.dtype, cfg.device), cfg.device
     )
     outputs = make_outputs(cfg, dirs, checkpoint, model, len(rows))
-    extractor = Extractor(cfg, rows, tokenizer, model, outputs)
+    extractor = Extractor(cfg, rows, first_row, tokenizer, model, outputs)
     if cfg.mode == "store_mean":
         return extractor.run_mean()
     return extractor.run(start, end)
+
+
+def is_complete(path: Path, n_rows: int) -> bool:
+    """Whether a run directory already holds every shard of `n_rows` rows, as its manifest says."""
+    if not (path / store.MANIFEST).is_file():
+        return False
+    run = store.Run(path)
+    listed = {s["file"] for s in run.manifest.get("shards", [])}
+    return (
+        run.manifest.get("complete") is True
+        and run.manifest.get("n_examples") == n_rows
+        and listed == set(run.expected_shards())
+        and run.verify().ok
+    )
+
+
+def check_rows(cfg: ExtractConfig, rows, first_row: int) -> None:
+    """Every chosen row must suit the paradigm, or with --skip_invalid_rows is named and skipped."""
+    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
+    if not invalid:
+        return
+    where = f"{cfg.dataset} {cfg.dataset_split}"
+    if not cfg.skip_invalid_rows:
+        outcome = "fix them, or pass --skip_invalid_rows to record them as skipped and go on"
+        raise UserError(data.describe_invalid(invalid, where, outcome))
+    outcome = "skipped (--skip_invalid_rows), each recorded in the manifest with its reason"
+    print("warning: " + data.describe_invalid(invalid, where, outcome), file=sys.stderr)
 
 
 def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
@@ -384,8 +429,9 @@ def make_outputs(cfg, dirs, checkpoint, model, n_rows) -> Outputs:
 class Extractor:
     """Runs the batches of one task range, shard by shard."""
 
-    def __init__(self, cfg, rows, tokenizer, model, outputs: Outputs):
+    def __init__(self, cfg, rows, first_row: int, tokenizer, model, outputs: Outputs):
         self.cfg, self.rows, self.tokenizer, self.model = cfg, rows, tokenizer, model
+        self.first_row = first_row  # split row of rows[0]: examples are named by split rows
         self.outputs = outputs
         self.causal = cfg.paradigm != "mlm"
         self.pad_id = tokenizer.pad_token_id or 0
@@ -393,22 +439,36 @@ class Extractor:
         self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
 
     def tokenize(self, start: int, end: int) -> tuple[list[data.Example], list[dict]]:
+        """Rows start..end-1 of the chosen rows as examples; those without a label are skipped."""
         kept, skipped = [], []
         for i in range(start, end):
-            ex = data.tokenize(
-                self.tokenizer,
-                self.rows[i],
-                i,
-                self.cfg.paradigm,
-                self.cfg.max_seq_length,
-                str(self.cfg.checkpoint_nr),
-            )
-            if data.label_positions(ex, self.cfg.paradigm) == 0:
+            index, row = self.first_row + i, self.rows[i]
+            ex, problem = self.tokenize_row(row, index)
+            if ex is None:
+                eid = data.example_id(row, index)
+                skipped.append({"index": index, "id": eid, "tokens": 0, "reason": problem})
+            elif data.label_positions(ex, self.cfg.paradigm) == 0:
                 reason = f"no label token within max_seq_length={self.cfg.max_seq_length}"
-                skipped.append({"index": i, "id": ex.id, "tokens": ex.length, "reason": reason})
+                skipped.append({"index": index, "id": ex.id, "tokens": ex.length, "reason": reason})
             else:
                 kept.append(ex)
         return kept, skipped
+
+    def tokenize_row(self, row: dict, index: int) -> tuple[data.Example | None, str | None]:
+        """The row's example, or (None, why) for a row --skip_invalid_rows lets through."""
+        problem = data.row_problem(row, self.cfg.paradigm)
+        if problem is None:
+            try:
+                return data.tokenize(
+                    self.tokenizer, row, index, self.cfg.paradigm, self.cfg.max_seq_length,
+                    str(self.cfg.checkpoint_nr),
+                ), None  # fmt: skip
+            except Exception as err:  # text that the tokenizer or chat template cannot take
+                problem = f"the tokenizer cannot take it ({type(err).__name__}: {err})"
+        if not self.cfg.skip_invalid_rows:
+            eid = data.example_id(row, index)
+            raise UserError(f"row {index} (id {eid!r}): {problem}; fix it or --skip_invalid_rows")
+        return None, f"invalid row: {problem}"
 
     def gradients(self, examples, progress):
         """Yields (example, fp32 [length, hidden] gradient) in dataset order within a shard."""
@@ -430,6 +490,8 @@ class Extractor:
 
     def run(self, start: int, end: int) -> int:
         began = time.time()
+        for path in self.outputs.dirs.values():
+            store.remove_leftovers(path)
         ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
         # Each manifest is read once here, not once per shard: it lists every example.
         recorded = {d: store.recorded_checksums(d) for d in self.outputs.dirs.values()}
@@ -437,11 +499,19 @@ class Extractor:
         progress = tqdm(total=sum(e - s for s, e in todo), unit="ex", desc="gradients")
         logger = WandbLogger.maybe(self.cfg)
         try:
+            # shards another process holds are left for later: by then done, or free to take
+            held = []
             for s, e in todo:
-                self.write_shard(s, e, progress)
+                if not self.write_claimed(s, e, progress, wait=False):
+                    held.append((s, e))
                 logger.log(self.stats, began)
-        except Stopped:
-            progress.close()
+            for s, e in held:
+                self.write_claimed(s, e, progress, wait=True)
+                logger.log(self.stats, began)
+        except BaseException as err:
+            progress.close()  # an error message must not share the progress bar's line
+            if not isinstance(err, Stopped):
+                raise
             self.merge_all({})
             sig = self.preemption.signal
             done = len(ranges) - len(todo) + self.stats["shards_written"]
@@ -461,6 +531,18 @@ class Extractor:
             self.merge_all({})
         self.print_summary(began, start, end, len(ranges) - len(todo))
         return 0
+
+    def write_claimed(self, start: int, end: int, progress, wait: bool) -> bool:
+        """Write a shard unless another process holds it (False) or has written it meanwhile."""
+        dirs = list(self.outputs.dirs.values())
+        with store.claim_shard(dirs, start, end, wait) as claimed:
+            if not claimed:
+                return False
+            if all(shard_is_valid(d, start, end, {}) for d in dirs):
+                progress.update(end - start)
+            else:
+                self.write_shard(start, end, progress)
+        return True
 
     def write_shard(self, start: int, end: int, progress) -> None:
         kept, skipped = self.tokenize(start, end)
@@ -544,6 +626,8 @@ class Extractor:
         """store_mean: one vector per output, the mean over every example with a gradient."""
         began = time.time()
         n = len(self.rows)
+        for path in self.outputs.dirs.values():
+            store.remove_leftovers(path)
         progress = tqdm(total=n, unit="ex", desc="gradients")
         kept, skipped = self.tokenize(0, n)
         progress.update(len(skipped))

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gradproj import store
 from gradproj.errors import UserError
@@ -466,6 +465,7 @@ def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
 
 
 def write_scores(path: Path, scores: Scores, train: store.Run, test: store.Run) -> None:
+    """Write the score matrices to `path`, inside a staging directory (see `replace_dir`)."""
     # One metadata key: safetensors keeps metadata in a hash map, so several keys would be
     # written in a random order and identical results would differ in their bytes.
     info = {
@@ -477,10 +477,9 @@ def write_scores(path: Path, scores: Scores, train: store.Run, test: store.Run) 
     }
     metadata = {"gradproj": json.dumps(info, sort_keys=True)}
     tensors = {name: m.contiguous() for name, m in scores.matrices.items()}
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".scores-") as tmpdir:
-        tmp = Path(tmpdir) / path.name
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+    store.save_safetensors(tensors, path, metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def ranked(scores: torch.Tensor) -> torch.Tensor:
@@ -573,7 +572,7 @@ def train_fragments(dataset: str, split: str, scores: Scores) -> list[str]:
     """Each kept train row's fields as a JSON object body, serialised once for every file."""
     from gradproj import data  # imports `datasets`, which only --mapped needs
 
-    rows = data.load_split(dataset, split)
+    rows = data.load_split(dataset, data.split_name(split))  # indices are rows of the split
     if scores.train_index and max(scores.train_index) >= len(rows):
         raise UserError(
             f"dataset {dataset} split {split} has {len(rows)} rows, but the train run refers "
@@ -606,7 +605,6 @@ def write_mapped(out: Path, cfg: ScoreConfig, scores: Scores, train: store.Run) 
     dataset = cfg.dataset or train.manifest.get("dataset")
     fragments = train_fragments(dataset, train.manifest.get("split", "train"), scores)
     root = out / MAPPED_DIR
-    shutil.rmtree(root, ignore_errors=True)  # files of an earlier, maybe larger, test set
     for name, matrix in scores.matrices.items():
         folder = root / name if len(scores.matrices) > 1 else root
         for j, test_index in enumerate(scores.test_index):
@@ -631,19 +629,72 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
             )
 
 
+# --- Replacing a score directory whole ---
+
+
+def check_replaceable(out: Path) -> None:
+    """A score directory is replaced whole: refuse one that holds anything but a scoring."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_score_dir(out):
+        raise UserError(
+            f"--output {out} holds files that are not score_influence.py's output, and scoring "
+            "replaces the directory whole; give a new or empty directory"
+        )
+
+
+def is_score_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / SUMMARY_FILE).read_text()).get("format") == SCORES_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def replace_dir(out: Path, build) -> None:
+    """Run `build(staging)` in a new directory beside `out`, then swap it in for `out`.
+
+    Readers see the old scoring or the new one, never a mix. A process killed before the swap
+    leaves `.<name>.staging-*` (or between the two renames `.<name>.old-*`) beside `out`; the
+    next scoring into `out` removes them.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        store.honour_umask(staging, directory=True)  # mkdtemp makes 0700
+        build(staging)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+            os.rename(out, old)
+            os.rename(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def score_influence(cfg: ScoreConfig) -> Path:
-    """Score the runs, write the score directory, return its path."""
+    """Score the runs, write the score directory (replacing it whole), return its path."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
+    check_replaceable(out)
     plan = plan_memory(cfg, train, test)
     scores = Scorer(cfg, train, test, plan).run()
     warn_excluded(scores.excluded)
-    out.mkdir(parents=True, exist_ok=True)
-    write_scores(out / SCORES_FILE, scores, train, test)
-    topk = "".join(line + "\n" for line in topk_lines(scores, cfg.top_k))
-    store.atomic_write_bytes(out / TOPK_FILE, topk.encode())
-    store.atomic_write_json(out / SUMMARY_FILE, summary(cfg, scores, train, test, plan))
-    if cfg.mapped:
-        write_mapped(out, cfg, scores, train)
+
+    def build(folder: Path) -> None:
+        write_scores(folder / SCORES_FILE, scores, train, test)
+        topk = "".join(line + "\n" for line in topk_lines(scores, cfg.top_k))
+        store.atomic_write_bytes(folder / TOPK_FILE, topk.encode())
+        store.atomic_write_json(folder / SUMMARY_FILE, summary(cfg, scores, train, test, plan))
+        if cfg.mapped:
+            write_mapped(folder, cfg, scores, train)
+
+    replace_dir(out, build)
     return out

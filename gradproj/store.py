@@ -1,9 +1,11 @@
 """Run directories: atomic safetensors shards, per-task manifest parts, a merged manifest.
 
-A run directory holds `<start>_<end>.safetensors` shards (dataset rows start..end-1) and one
-`manifest.json`. Each shard carries its own examples, skipped examples and a content checksum in
-its metadata, so a shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the
-manifest from the shards alone, and nothing depends on which process wrote what.
+A run directory holds `<start>_<end>.safetensors` shards (positions start..end-1 among the rows
+the split chose; each example records its row of the split as `index`) and one `manifest.json`.
+Each shard carries its own examples, skipped examples and a content checksum in its metadata, so a
+shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the manifest from the
+shards alone, and nothing depends on which process wrote what. A process claims a shard (an flock
+in `.locks/`) before computing it, so concurrent processes on one run split the work.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,11 +35,24 @@ RUN_FORMAT = "gradproj-run/1"
 DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped")
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a file (0666) or directory (0777) made private by tempfile the umask's modes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,13 +122,32 @@ def write_shard(
     metadata = {"gradproj": json.dumps(info, sort_keys=True)}
     path = Path(run_dir) / shard_name(start, end)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".shard-") as tmpdir:
+    # named by the shard: a dead writer's leftover is removed by whoever claims the shard next
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".shard-{start}_{end}-") as tmpdir:
         tmp = Path(tmpdir) / path.name
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_safetensors(tensors, tmp, metadata)
+        except OSError as err:  # name the shard, not its temporary file, which is removed
+            raise OSError(err.errno, err.strerror, str(path)) from err
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return shard_entry(path, record)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors' save_file, with the umask's mode, and whose I/O errors (a full disk) become
+    the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as err:  # safetensors reports I/O failures as SafetensorError
+        code = re.search(r"\(os error (\d+)\)", str(err))  # the Rust std::io::Error's errno
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+    honour_umask(path)  # safetensors writes through a 0600 temporary file
 
 
 def shard_entry(path: Path, record: ShardRecord) -> dict:
@@ -277,6 +313,56 @@ class Run:
         raise IndexError(f"example {i} out of range")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail before any compute when a run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / ".lock", "a"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"cannot write the output directory {run_dir} ({err.strerror}); choose a writable "
+            "--gradients_output_path"
+        ) from err
+
+
+@contextlib.contextmanager
+def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Iterator[bool]:
+    """Claim a shard for this process across its run directories: yields whether it got it.
+
+    The claim is an flock on `.locks/<shard>.lock` in each directory, so it dies with its
+    holder: a killed process never blocks the shard. Without `wait`, a shard another process
+    holds is not waited for (it yields False); lock files are kept, as deleting one that another
+    process has open would let two processes hold "the same" lock.
+    """
+    with contextlib.ExitStack() as stack:
+        for run_dir in sorted(map(Path, run_dirs)):  # one order for all: waiting cannot deadlock
+            folder = Path(run_dir) / ".locks"
+            folder.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(folder / f"{start}_{end}.lock", "a"))
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove the temporary shard directories of writers killed mid-write (SIGKILL, OOM).
+
+    A writer holds its shard's claim while its temporary directory exists, so a directory
+    whose shard can be claimed belongs to a dead process.
+    """
+    for leftover in Path(run_dir).glob(".shard-*"):
+        span = re.fullmatch(r"\.shard-(\d+)_(\d+)-.*", leftover.name)
+        if span is None:
+            continue
+        with claim_shard([run_dir], int(span[1]), int(span[2]), wait=False) as claimed:
+            if claimed:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Serialises manifest merges of concurrent job-array tasks writing one run directory."""
@@ -301,6 +387,8 @@ def merge_manifest(
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         path = run_dir / MANIFEST
+        for leftover in run_dir.glob(f".{MANIFEST}.*.tmp"):  # of a merge killed mid-write
+            leftover.unlink(missing_ok=True)
         known = {}
         if path.is_file():
             with contextlib.suppress(json.JSONDecodeError, KeyError):

@@ -115,7 +115,11 @@ def test_split_slice_and_limit(tiny_llama, sft_file, tmp_path):
     run = store.Run(tmp_path / "full" / tiny_llama.name / "sft" / "train_2_9" / "0")
     assert run.manifest["n_examples"] == 5
     assert run.ids == ["ex_002", "ex_003", "ex_005", "ex_006"]  # ex_004 is too long
-    assert [e["index"] for e in run.manifest["examples"]] == [0, 1, 3, 4]
+    # indices are rows of the split, as the original's dataset[i], not positions in the slice
+    assert [e["index"] for e in run.manifest["examples"]] == [2, 3, 5, 6]
+    assert [s["index"] for s in run.skipped] == [4]
+    index = torch.cat([shard.index for shard in run.iter_shards()])
+    assert index.tolist() == [2, 3, 5, 6]
 
 
 def test_sft_masks_all_but_assistant_turns(tiny_llama_chatml, tiny_llama):

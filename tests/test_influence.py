@@ -299,7 +299,7 @@ def test_non_finite_gradient_is_refused_naming_it(tmp_path, capsys):
         "--test",
         str(test),
         "--output",
-        str(tmp_path),
+        str(tmp_path / "scores"),
         "--func",
         "cosine",
     ]
