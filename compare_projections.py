@@ -3,12 +3,16 @@
 Example:
     python compare_projections.py --reference scores/full --candidates scores/rademacher_* \
         --output results/comparison
+
+The original study's published JSON lists, agreement recomputed both ways:
+    python compare_projections.py --original_json explainability/16777216/OLMO/cosine \
+        explainability/8192/OLMO/rademacher/cosine --output results/original
 """
 
 import argparse
 from pathlib import Path
 
-from gradproj.errors import run_cli
+from gradproj.errors import UserError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -16,14 +20,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--reference",
         type=Path,
-        required=True,
         help="score directory of the reference (usually the full gradients)",
     )
     parser.add_argument(
         "--candidates",
         type=Path,
         nargs="+",
-        required=True,
         help="score directories of the projections to compare",
     )
     parser.add_argument(
@@ -49,6 +51,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--emulate_original",
         action="store_true",
         help="also emulate the original pipeline step by step (ablation table)",
+    )
+    parser.add_argument(
+        "--fp16_runs",
+        type=Path,
+        nargs=2,
+        metavar=("TRAIN_RUN", "TEST_RUN"),
+        help="full-gradient runs extracted with --dtype fp16 (the emulation's fp16_model step);"
+        " default: the fp32 gradients rounded to fp16",
+    )
+    parser.add_argument(
+        "--original_json",
+        type=Path,
+        nargs="+",
+        metavar=("REFERENCE_DIR", "CANDIDATE_DIR"),
+        help="instead: folders of the original study's JSON lists (explainability/<dim>/<where>/"
+        "<func>), the reference first; agreement the notebook's way and correctly",
+    )
+    parser.add_argument(
+        "--nan_id",
+        default="open_orca_t0.1598436",
+        help="with --original_json: the id the notebook drops from every list",
     )
     parser.add_argument(
         "--top_k",
@@ -77,8 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.original_json:
+        return original_json(args)
     from gradproj.analysis import CompareConfig, compare_projections
 
+    if not (args.reference and args.candidates):
+        raise UserError("give --reference and --candidates (or --original_json REF CAND...)")
     config = CompareConfig(
         reference=args.reference,
         candidates=args.candidates,
@@ -86,6 +113,7 @@ def main(argv=None) -> int:
         reference_run=args.reference_run,
         test_run=args.test_run,
         emulate_original=args.emulate_original,
+        fp16_runs=tuple(args.fp16_runs) if args.fp16_runs else None,
         top_ks=tuple(args.top_k),
         n_permutations=args.n_permutations,
         n_bootstrap=args.n_bootstrap,
@@ -95,6 +123,19 @@ def main(argv=None) -> int:
     )
     compare_projections(config)
     print(f"wrote {config.output / 'report.md'}")
+    return 0
+
+
+def original_json(args: argparse.Namespace) -> int:
+    from gradproj.analysis.original_json import compare_original_json
+    from gradproj.analysis.report import markdown_table
+
+    if len(args.original_json) < 2:
+        raise UserError("--original_json needs a reference folder and at least one candidate")
+    reference, *candidates = args.original_json
+    table = compare_original_json(reference, candidates, args.output, args.nan_id)
+    print(markdown_table(table), end="")
+    print(f"wrote {args.output / 'original_json_summary.csv'}")
     return 0
 
 
