@@ -291,8 +291,9 @@ class Emulation:
             train = with_zero_gradient(train) if steps.zero_gradient else train
             return full_scores(self._dense(steps.fp16_model, "test"), train, function, steps)
 
-        key = ("full", function, steps.fp16_model, steps.zero_gradient)
-        return self._cached((*key, steps.fp16_full_storage, steps.fp16_full_scores), compute)
+        fp16_files = steps.fp16_full_storage or steps.fp16_full_scores  # fp16 scores: fp16 files
+        key = ("full", function, steps.fp16_model, steps.zero_gradient, fp16_files)
+        return self._cached((*key, steps.fp16_full_scores), compute)
 
     def candidate_scores(self, steps: OriginalSteps, function: str) -> dict[int, np.ndarray]:
         test, train = self._projections(steps, "test"), self._projections(steps, "train")
