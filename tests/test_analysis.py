@@ -403,6 +403,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     merged = none.merge(measured, on=["function", "dim"])
     np.testing.assert_allclose(merged.kendall_median, merged["median"], atol=1e-6)
     assert "exact_original" in (tmp_path / "out" / "report.md").read_text()
+    assert "original_curves.png" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):

@@ -166,12 +166,14 @@ def original_curves(ablation: pd.DataFrame, path: Path) -> Path:
             for i, (variant, line) in enumerate(cell.groupby("variant", sort=False)):
                 line = line.sort_values("dim")
                 bold = variant in ("none", "exact_original")
+                wide = variant == "nan_mechanism"  # drawn wide: it may lie under exact_original
                 ax.plot(
                     line.dim,
                     line.kendall_median,
                     marker="o",
-                    lw=2.5 if bold else 1,
-                    ls="-" if bold else "--",
+                    lw=7 if wide else 2.5 if bold else 1,
+                    alpha=0.4 if wide else 1,
+                    ls="-" if bold or wide else "--",
                     color="k" if variant == "exact_original" else f"C{i % 10}",
                     label=variant,
                 )
