@@ -42,9 +42,6 @@ ProjectFn = Callable[[list[torch.Tensor]], dict[int, torch.Tensor]]
 ZERO_GRADIENT_ID = "open_orca_t0.1598436"
 ZERO_GRADIENT_ROW, ORIGINAL_TRAIN_ROWS = 570, 1000
 
-PROJECTED_SIDE = ("fp16_projection_input", "unscaled_projection", "fp32_projected_scores")
-FULL_SIDE = ("fp16_full_storage", "fp16_full_scores")
-
 
 @dataclass(frozen=True)
 class OriginalSteps:
@@ -66,10 +63,6 @@ class OriginalSteps:
     @classmethod
     def all(cls) -> "OriginalSteps":
         return cls(**{name: True for name in cls.names()})
-
-    def full_side(self) -> "OriginalSteps":
-        """The steps that touch the full-gradient (reference) side."""
-        return replace(self, **{name: False for name in PROJECTED_SIDE})
 
 
 # The NaN's path alone: the zero gradient, fp16 full cosine, and the lists sorted with it.
@@ -284,8 +277,6 @@ class Emulation:
         return unscale(scaled) if steps.unscaled_projection else scaled
 
     def reference_scores(self, steps: OriginalSteps, function: str) -> np.ndarray:
-        steps = steps.full_side()
-
         def compute():
             train = self._dense(steps.fp16_model, "train")
             train = with_zero_gradient(train) if steps.zero_gradient else train
