@@ -53,6 +53,17 @@ Example:
         --output results/comparison
 """
 
+ORIGINAL_DOC = """\
+The original study's published JSON lists (explainability/<dim>/<where>/<func>): each
+candidate's agreement with the reference, the notebook's way (list position, the NaN id dropped)
+and correctly (ranks from the scores, NaN-scored examples excluded by name), side by side.
+`compare_projections.py --original_json ...` runs this command.
+
+Example:
+    gradproj original --original_json explainability/16777216/OLMO/cosine \\
+        explainability/8192/OLMO/rademacher/cosine --output results/original
+"""
+
 VERIFY_DOC = """\
 Check a run's shards against its manifest (or every run below a directory); exit status 0 only
 when every run is complete and its manifest lists every shard.
@@ -141,6 +152,12 @@ COMPARE_OPTIONS = {
     "emulate_original": dict(
         help="also emulate the original pipeline step by step (ablation table)"
     ),
+    "fp16_runs": dict(
+        nargs=2,
+        metavar=("TRAIN_RUN", "TEST_RUN"),
+        help="full-gradient runs extracted with --dtype fp16 (the emulation's fp16_model step); "
+        "default: the fp32 gradients rounded to fp16",
+    ),
     "top_ks": dict(
         flag="--top_k",
         nargs="+",
@@ -152,6 +169,17 @@ COMPARE_OPTIONS = {
     "seed": dict(help="seed of the permutation tests, bootstrap and theory simulation"),
     "flag_margin": dict(help="flag a measured median Kendall tau this far below the prediction"),
     "device": dict(help="device of the emulated projections"),
+}
+
+ORIGINAL_OPTIONS = {
+    "original_json": dict(
+        nargs="+",
+        metavar="DIR",
+        help="folders of the original's JSON lists (explainability/<dim>/<where>/<func>), "
+        "the reference first",
+    ),
+    "output": dict(help="directory for original_json.csv and original_json_summary.csv"),
+    "nan_id": dict(help="the id the notebook drops from every list"),
 }
 
 
@@ -271,6 +299,24 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_original_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradproj.analysis.original_json import OriginalJsonConfig
+
+    add_config_arguments(parser, OriginalJsonConfig, ORIGINAL_OPTIONS)
+
+
+def run_original(args: argparse.Namespace) -> int:
+    from gradproj.analysis.original_json import OriginalJsonConfig, compare_original_json
+    from gradproj.analysis.report import markdown_table
+
+    config = OriginalJsonConfig(**vars(args)).validate()
+    reference, *candidates = config.original_json
+    table = compare_original_json(reference, candidates, config.output, config.nan_id)
+    print(markdown_table(table), end="")
+    print(f"wrote {config.output / 'original_json_summary.csv'}")
+    return 0
+
+
 def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a folder above runs")
 
@@ -341,6 +387,10 @@ COMMANDS = {
         "compare projected scores with the full-gradient ones", COMPARE_DOC,
         add_compare_arguments, run_compare, extra="analysis",
     ),
+    "original": Command(
+        "the original study's JSON lists: agreement as published and corrected", ORIGINAL_DOC,
+        add_original_arguments, run_original, extra="analysis",
+    ),
     "verify": Command("check a run's shards", VERIFY_DOC, add_run_dir_argument, run_verify),
     "merge": Command("rebuild a run's manifest", MERGE_DOC, add_run_dir_argument, run_merge),
     "plan": Command(
@@ -370,8 +420,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         top_parser().parse_args(argv[:1])  # prints help or version, or the error; exits
-    name, rest = argv[0], argv[1:]
+    name, rest = _compare_or_original(argv[0], argv[1:])
     return COMMANDS[name].main(rest, prog=f"gradproj {name}")
+
+
+def _compare_or_original(name: str, argv: list[str]) -> tuple[str, list[str]]:
+    """The original's users call `compare_projections.py --original_json ...`."""
+    return ("original" if name == "compare" and "--original_json" in argv else name), argv
 
 
 def extract_main(argv=None) -> int:
@@ -383,7 +438,8 @@ def score_main(argv=None) -> int:
 
 
 def compare_main(argv=None) -> int:
-    return COMMANDS["compare"].main(argv)
+    name, argv = _compare_or_original("compare", list(sys.argv[1:] if argv is None else argv))
+    return COMMANDS[name].main(argv)
 
 
 def entry_point() -> None:

@@ -11,11 +11,9 @@ from safetensors.numpy import save_file
 
 from gradproj.analysis import (
     CompareConfig,
-    OriginalSteps,
     align_to,
     bootstrap_median_ci,
     compare_projections,
-    file_order_ranks,
     jl_cosine_std,
     jl_dot_std,
     kendall_tau_b,
@@ -24,12 +22,7 @@ from gradproj.analysis import (
     ndcg_at_k,
     ndcg_original,
     norm_products_from_scores,
-    original_file_order,
-    original_scores,
     predicted_kendall,
-    project_like_original,
-    rank_kendall,
-    run_ablation,
     spearman_rho,
     top_k_overlap,
 )
@@ -261,117 +254,6 @@ def test_norm_products_recovered_from_dot_and_cosine():
     np.testing.assert_allclose(recovered, expected, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- the original pipeline
-def file_order_kendall(true_scores, *listed):
-    """Kendall between file-order ranks (NaN items dropped) of the first list and the others."""
-    ranks = [file_order_ranks(s[None, :]) for s in listed]
-    if len(listed) == 1:  # against the true order
-        return rank_kendall(np.argsort(np.argsort(-true_scores))[None, :] * 1.0, ranks[0])[0]
-    return rank_kendall(ranks[0], ranks[1])[0]
-
-
-def scores_with_one_nan(seed: int) -> tuple[np.ndarray, np.random.Generator]:
-    """1,000 uniform random scores, one of them NaN, and the generator that drew them."""
-    rng = np.random.default_rng(seed)
-    scores = rng.random(1000)
-    scores[rng.integers(1000)] = np.nan
-    return scores, rng
-
-
-def test_sorting_with_one_nan_breaks_the_order():
-    """One NaN among 1,000 random scores: Kendall ~0.54 against the true order (median ~0.6)."""
-    taus = []
-    for seed in range(15):
-        scores, _ = scores_with_one_nan(seed)
-        taus.append(file_order_kendall(np.nan_to_num(scores, nan=-1), scores))
-    assert 0.45 < np.median(taus) < 0.7
-
-
-def test_shared_nan_position_keeps_noisy_lists_in_agreement():
-    """Two lists sharing the NaN and differing by small noise agree at ~0.99 in file order."""
-    taus = []
-    for seed in range(15):
-        scores, rng = scores_with_one_nan(seed)
-        noisy = scores + rng.normal(0, 1e-3, 1000)
-        taus.append(file_order_kendall(None, scores, noisy))
-    assert np.median(taus) > 0.98
-
-
-def test_file_order_is_python_sort_and_drops_nan():
-    scores = np.array([0.2, np.nan, 0.9, 0.5])
-    keyed = [0.2, float("nan"), 0.9, 0.5]
-    expected = sorted(range(4), key=lambda j: keyed[j], reverse=True)
-    assert original_file_order(scores) == [j for j in expected if j != 1]
-
-
-def test_fp16_normalize_turns_a_zero_gradient_into_nan():
-    test, train = torch.randn(2, 64), torch.randn(3, 64)
-    train[1] = 0
-    scores = original_scores(test, train, "cosine", OriginalSteps(fp16_scores=True))
-    assert np.isnan(scores[:, 1]).all() and np.isfinite(np.delete(scores, 1, axis=1)).all()
-
-
-def test_fp16_storage_flushes_small_dot_products_to_zero():
-    test, train = torch.randn(2, 256) * 1e-8, torch.randn(3, 256) * 1e-8
-    exact = original_scores(test, train, "dot", OriginalSteps())
-    stored = original_scores(test, train, "dot", OriginalSteps(fp16_storage=True))
-    assert np.abs(exact).min() > 0 and (stored == 0).all()
-
-
-def fake_projector(k, d, seed=0):
-    matrix = torch.from_numpy(rademacher(np.random.default_rng(seed), k, d)).float()
-    return lambda grads: {k: torch.stack([g.flatten() for g in grads]) @ matrix.T}
-
-
-def test_unscaled_projection_multiplies_by_sqrt_k():
-    grads = [torch.randn(4, 8) for _ in range(3)]
-    project = fake_projector(16, 32)
-    scaled = project_like_original(project, grads, OriginalSteps())[16]
-    unscaled = project_like_original(project, grads, OriginalSteps(unscaled_projection=True))[16]
-    torch.testing.assert_close(unscaled, scaled * 4.0)
-
-
-def test_fp16_projection_input_equals_projecting_rounded_gradients():
-    grads = [torch.randn(4, 8) * 1e-6 for _ in range(3)]
-    project = fake_projector(16, 32)
-    got = project_like_original(project, grads, OriginalSteps(fp16_projection_input=True))[16]
-    expected = project([g.half().float() for g in grads])[16]
-    torch.testing.assert_close(got, expected)
-
-
-def test_ablation_without_steps_reproduces_the_direct_projection():
-    rng = torch.Generator().manual_seed(14)
-    train = [torch.randn(4, 8, generator=rng) for _ in range(25)]
-    test = [torch.randn(4, 8, generator=rng) for _ in range(3)]
-    pair = GradientPair([f"t{i}" for i in range(25)], train, ["q0", "q1", "q2"], test, 4)
-    project = fake_projector(16, 32)
-    rows = run_ablation(
-        pair, project, "rademacher", ("dot",), {"none": (OriginalSteps(), OriginalSteps())}
-    )
-    full = pair.dense(test) @ pair.dense(train).T
-    proj = project(test)[16] @ project(train)[16].T
-    np.testing.assert_allclose(rows[0].kendall, kendall_tau_b(full.numpy(), proj.numpy()))
-
-
-def test_stored_zero_gradient_changes_only_nan_sorted_cosine_rankings():
-    """The original's all-zero gradient: NaN cosine, harmless when ranked by score, and it
-    reaches the ranking only through the NaN-keyed list.sort; dot products never see a NaN."""
-    rng = torch.Generator().manual_seed(15)
-    train = [torch.randn(4, 8, generator=rng) for _ in range(60)]
-    test = [torch.randn(4, 8, generator=rng) for _ in range(4)]
-    pair = GradientPair([f"t{i}" for i in range(60)], train, ["q0", "q1", "q2", "q3"], test, 4)
-    variants = {
-        "none": (OriginalSteps(), OriginalSteps()),
-        "zero": (OriginalSteps(zero_gradient_stored=True),) * 2,
-        "zero_nan_sort": (OriginalSteps(zero_gradient_stored=True, nan_sort=True),) * 2,
-    }
-    rows = run_ablation(pair, fake_projector(16, 32), "rademacher", ("dot", "cosine"), variants)
-    tau = {(r.variant, r.function): r.kendall for r in rows}
-    np.testing.assert_allclose(tau["zero", "cosine"], tau["none", "cosine"])  # NaN dropped
-    np.testing.assert_allclose(tau["zero_nan_sort", "dot"], tau["zero", "dot"])  # no NaN
-    assert not np.allclose(tau["zero_nan_sort", "cosine"], tau["zero", "cosine"])
-
-
 # ---------------------------------------------------------------- score directories and report
 def test_alignment_reorders_candidate_to_reference_ids(score_dirs):
     full, candidates = score_dirs
@@ -521,6 +403,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     merged = none.merge(measured, on=["function", "dim"])
     np.testing.assert_allclose(merged.kendall_median, merged["median"], atol=1e-6)
     assert "exact_original" in (tmp_path / "out" / "report.md").read_text()
+    assert "original_curves.png" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 Submodules: `metrics` (Kendall, Spearman, top-k overlap, NDCG), `stats` (bootstrap CIs,
 permutation tests), `theory` (JL predictions), `original` (the original study's pipeline step by
-step), `scores` (reading score directories), `runs` (full-gradient runs), `compare` (the
-compare_projections command), `report` and `figures` (its outputs).
+step), `original_json` (the original's published JSON lists), `scores` (reading score
+directories), `runs` (full-gradient runs), `compare` (the compare_projections command), `report`
+and `figures` (its outputs).
 """
 
 from gradproj.analysis.compare import (
@@ -24,9 +25,9 @@ from gradproj.analysis.metrics import (
 from gradproj.analysis.original import (
     OriginalSteps,
     ablation_variants,
+    explain_scores,
     file_order_ranks,
     original_file_order,
-    original_scores,
     project_like_original,
     rank_kendall,
     run_ablation,
@@ -60,8 +61,8 @@ __all__ = [
     "ndcg_at_k",
     "ndcg_original",
     "norm_products_from_scores",
+    "explain_scores",
     "original_file_order",
-    "original_scores",
     "predicted_kendall",
     "project_like_original",
     "rank_kendall",

@@ -29,6 +29,7 @@ class CompareConfig:
     reference_run: Path | None = None
     test_run: Path | None = None
     emulate_original: bool = False
+    fp16_runs: tuple[Path, Path] | None = None  # train, test runs extracted with --dtype fp16
     top_ks: tuple[int, ...] = TOP_KS
     n_permutations: int = 1000
     n_bootstrap: int = 2000
@@ -40,6 +41,7 @@ class CompareConfig:
         self.reference = Path(self.reference)
         self.candidates = [Path(c) for c in self.candidates]
         self.output = Path(self.output)
+        self.fp16_runs = tuple(Path(p) for p in self.fp16_runs) if self.fp16_runs else None
         if not self.candidates:
             raise UserError("give at least one --candidates score directory")
         resolved = [p.resolve() for p in [self.reference, *self.candidates]]
@@ -52,6 +54,8 @@ class CompareConfig:
                 raise UserError(f"--{name} must be at least 1")
         if not self.top_ks or min(self.top_ks) < 1:
             raise UserError("--top_k values must be positive integers")
+        if self.fp16_runs and not self.emulate_original:
+            raise UserError("--fp16_runs is only used with --emulate_original")
         if not 0 <= self.flag_margin <= 2:
             raise UserError("--flag_margin must lie in [0, 2] (a Kendall tau difference)")
         return self
@@ -278,7 +282,7 @@ def ablation_table(
     reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
 ) -> pd.DataFrame:
     """The emulated original pipeline, step by step, per projection type, dim and function."""
-    from gradproj.analysis.runs import load_gradient_pair
+    from gradproj.analysis.runs import load_fp16_gradient_pair, load_gradient_pair
 
     train_run, test_run = resolve_runs(config, reference)
     if not (train_run and test_run):
@@ -286,7 +290,9 @@ def ablation_table(
             "--emulate_original needs the full gradients: pass --reference_run "
             "(train) and --test_run"
         )
-    gradients = load_gradient_pair(train_run, test_run, reference.train_ids, reference.test_ids)
+    ids = (reference.train_ids, reference.test_ids)
+    gradients = load_gradient_pair(train_run, test_run, *ids)
+    fp16 = load_fp16_gradient_pair(*config.fp16_runs, *ids) if config.fp16_runs else None
     hidden = gradients.train_rows[0].shape[1]
     rows: list[AblationRow] = []
     for (proj_type, seed), dims in projection_groups(candidates).items():
@@ -296,8 +302,10 @@ def ablation_table(
             (gradients.max_seq_length, hidden),
             config.device,
         )
-        rows += run_ablation(gradients, project, proj_type, tuple(reference.scores))
-    return pd.DataFrame([ablation_record(r, config) for r in rows])
+        rows += run_ablation(gradients, project, proj_type, tuple(reference.scores), None, fp16)
+    table = pd.DataFrame([ablation_record(r, config) for r in rows])
+    table["fp16_model_gradients"] = "fp16 runs" if fp16 else "fp32 rounded to fp16"
+    return table
 
 
 def projection_groups(candidates: list[ScoreDir]) -> dict[tuple[str, int], list[int]]:
@@ -319,7 +327,7 @@ def ablation_record(row: AblationRow, config: CompareConfig) -> dict:
         "kendall_median": stats["median"],
         "ci_low": stats["ci_low"],
         "ci_high": stats["ci_high"],
-        "nan_scores_dropped": row.dropped,
+        "nan_scores": row.nan_scores,
         "mean_std_of_scores": row.candidate_score_std,
     }
 

@@ -44,6 +44,8 @@ def write_figures(comparison, output: Path) -> list[Path]:
                 output / "agreement_vs_dim.png",
             )
         )
+    if comparison.ablation is not None and len(comparison.ablation):
+        paths.append(figures.original_curves(comparison.ablation, output / "original_curves.png"))
     if (comparison.metrics.comparison == "dot_vs_cosine").any():
         paths.append(figures.dot_cosine_histogram(comparison.metrics, output / "dot_vs_cosine.png"))
     return paths
@@ -89,6 +91,7 @@ def render_report(comparison) -> str:
             "\n## Emulated original pipeline: ablation (median Kendall's tau)\n",
             ABLATION_NOTE,
             markdown_table(ablation_pivot(comparison.ablation)),
+            *figure_links(comparison.figures, "original_curves"),
             "\nMean over test examples of the std of the candidate's scores per variant (without "
             "the 1/sqrt(k) scaling, projected dot products grow with k):\n",
             markdown_table(ablation_pivot(comparison.ablation, "mean_std_of_scores")),
@@ -97,10 +100,11 @@ def render_report(comparison) -> str:
 
 
 ABLATION_NOTE = (
-    "Each row applies one step of the original pipeline (on both sides where the original did), "
-    "`all_candidate_only` all steps to the projected side against clean full scores, and "
-    "`exact_original` all steps on both sides, as the original compared them. `none` recomputes "
-    "the projection from the full gradients and should match the measured agreement above.\n"
+    "Each step of the original pipeline is applied on the side where the original had it "
+    "(docs/original_study.md): `none` is this project's pipeline, recomputed (it should match "
+    "the measured agreement above); then each step alone; `nan_mechanism` the all-zero gradient, "
+    "fp16 full scores and list.sort together; `exact_original` every step, as the original "
+    "computed it; `exact_original_without_<step>` every step but one.\n"
 )
 
 

@@ -53,3 +53,17 @@ def load_gradient_pair(
         test_rows=ragged_rows(test, test_ids),
         max_seq_length=int(train.manifest["max_seq_length"]),
     )
+
+
+def load_fp16_gradient_pair(
+    train_run: str | Path, test_run: str | Path, train_ids: list[str], test_ids: list[str]
+) -> GradientPair:
+    """The gradients of the model run in fp16 (the original's), from runs made with --dtype fp16."""
+    for path in (train_run, test_run):
+        dtype = Run(path).manifest.get("options", {}).get("dtype")
+        if dtype != "fp16":
+            raise UserError(
+                f"--fp16_runs {path} was extracted with --dtype {dtype}; "
+                "extract it again with --dtype fp16"
+            )
+    return load_gradient_pair(train_run, test_run, train_ids, test_ids)
