@@ -72,6 +72,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="flag a measured median Kendall tau this far below the prediction",
     )
     parser.add_argument("--device", default="cpu", help="device of the emulated projections")
+    parser.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="also rank each test example's known source train example (retrieval.csv): the"
+        " compared scores, --retrieval_methods, BM25 and a random ranking",
+    )
+    parser.add_argument(
+        "--retrieval_methods",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="more score directories for the retrieval table only (other targets: params,"
+        " hidden), over the same examples; implies --retrieval",
+    )
+    parser.add_argument(
+        "--source_field",
+        default="source_id",
+        help="test set column naming each test example's source train id (default: source_id)",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,6 +111,9 @@ def main(argv=None) -> int:
         seed=args.seed,
         flag_margin=args.flag_margin,
         device=args.device,
+        retrieval=args.retrieval,
+        retrieval_methods=args.retrieval_methods,
+        source_field=args.source_field,
     )
     compare_projections(config)
     print(f"wrote {config.output / 'report.md'}")

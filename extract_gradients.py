@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--target",
         default="embeddings",
-        help="embeddings (d loss / d input embeddings) or params (weights of linear layers;\n"
-        "projected by default, see the README)",
+        help="embeddings (d loss / d input embeddings), params (weights of linear layers;\n"
+        "projected by default, see the README) or hidden (no gradient: the mean last hidden\n"
+        "state, a representation baseline)",
     )
     p.add_argument(
         "--modules",

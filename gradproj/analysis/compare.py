@@ -8,6 +8,7 @@ import pandas as pd
 
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
+from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
 from gradproj.analysis.scores import ScoreDir, align_to, load_score_dir
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
@@ -33,6 +34,9 @@ class CompareConfig:
     seed: int = 0
     flag_margin: float = 0.1
     device: str = "cpu"
+    retrieval: bool = False
+    retrieval_methods: list[Path] = field(default_factory=list)
+    source_field: str = SOURCE_FIELD
 
     def validate(self) -> "CompareConfig":
         self.reference = Path(self.reference)
@@ -52,6 +56,10 @@ class CompareConfig:
             raise UserError("--top_k values must be positive integers")
         if not 0 <= self.flag_margin <= 2:
             raise UserError("--flag_margin must lie in [0, 2] (a Kendall tau difference)")
+        self.retrieval_methods = [Path(p) for p in self.retrieval_methods]
+        self.retrieval = self.retrieval or bool(self.retrieval_methods)
+        if self.retrieval and not self.source_field:
+            raise UserError("--source_field is empty; name the test set's source column")
         return self
 
 
@@ -68,6 +76,7 @@ class Comparison:
     theory_vs_measured: pd.DataFrame
     dispersion: pd.DataFrame
     ablation: pd.DataFrame | None = None
+    retrieval: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
 
@@ -322,12 +331,24 @@ def ablation_record(row: AblationRow, config: CompareConfig) -> dict:
     }
 
 
+def source_retrieval(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
+) -> pd.DataFrame:
+    """Ground-truth retrieval table: the compared directories, --retrieval_methods, baselines."""
+    others = [load_score_dir(path) for path in config.retrieval_methods]
+    return retrieval_table(
+        [reference, *candidates, *others], config.source_field, config.n_bootstrap, config.seed
+    )
+
+
 def compare_projections(config: CompareConfig) -> Comparison:
     """Compute every table and figure and write them, with report.md, under config.output."""
     from gradproj.analysis.report import write_outputs
 
     config.validate()
     reference, candidates = load_inputs(config)
+    # First: it reads the datasets, and a bad source id should stop the run before the rest.
+    retrieval = source_retrieval(reference, candidates, config) if config.retrieval else None
     notes: list[str] = []
     if reference.manifest.get("kind") != "full":
         notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
@@ -344,6 +365,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
         theory_vs_measured=compare_with_theory(summary, theory, config.flag_margin),
         dispersion=score_dispersion([reference, *candidates]),
         ablation=ablation_table(reference, candidates, config) if config.emulate_original else None,
+        retrieval=retrieval,
         notes=notes,
     )
     write_outputs(comparison, config.output)
