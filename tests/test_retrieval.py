@@ -21,6 +21,7 @@ from gradproj.analysis.retrieval import (
     source_ranks,
 )
 from gradproj.analysis.scores import ScoreDir
+from gradproj.influence import ranked
 from tests.conftest import conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40
@@ -34,22 +35,30 @@ def score_dir(matrix, test_ids) -> ScoreDir:
 def test_hit_rates_and_mrr_match_a_hand_computed_case_with_ties():
     scores = [
         [0.9, 0.5, 0.1, 0.2, 0.0, 0.0, 0.0],  # source t0 first: rank 1
-        [0.3, 0.3, 0.3, 0.1, 0.0, 0.0, 0.0],  # source t1 tied with t0 and t2: rank 3
+        [0.3, 0.3, 0.3, 0.1, 0.0, 0.0, 0.0],  # source t1 tied with t0 (ahead) and t2: rank 2
         [0.9, 0.8, 0.7, 0.6, 0.55, 0.51, 0.5],  # source t6 last: rank 7
     ]
     sources = {"a": "t0", "b": "t1", "c": "t6"}
     ranks = source_ranks(score_dir(scores, ["a", "b", "c"]), "dot", sources)
-    assert ranks.tolist() == [1, 3, 7]
+    assert ranks.tolist() == [1, 2, 7]
     row = retrieval_statistics(ranks, n_bootstrap=200)
     assert row["n_test"] == 3
     assert row["top1"] == pytest.approx(1 / 3)
     assert row["top5"] == pytest.approx(2 / 3)
-    assert row["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 7) / 3)
+    assert row["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 7) / 3)
 
 
-def test_constant_scores_never_find_the_source():
-    ranks = source_ranks(score_dir(np.ones((1, 7)), ["a"]), "dot", {"a": "t3"})
-    assert ranks.tolist() == [7]
+def test_source_rank_is_its_place_in_score_influences_ranked_list():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 3, size=(40, 7)).astype(np.float32)  # many ties
+    test_ids = [f"q{i}" for i in range(40)]
+    sources = {q: TRAIN_IDS[rng.integers(7)] for q in test_ids}
+    ranks = source_ranks(score_dir(scores, test_ids), "dot", sources)
+    order = ranked(torch.from_numpy(scores)).numpy()
+    want = [
+        order[i].tolist().index(TRAIN_IDS.index(sources[q])) + 1 for i, q in enumerate(test_ids)
+    ]
+    assert ranks.tolist() == want
 
 
 def test_bootstrap_cis_cover_the_estimate_and_shrink_with_more_test_examples():

@@ -100,9 +100,10 @@ def render_report(comparison) -> str:
 RETRIEVAL_NOTE = (
     "Per method and score function: the share of test examples whose source train example is "
     "ranked first (top1) or in the first five (top5), and the mean reciprocal rank of the source "
-    "(mrr), with 95% bootstrap CIs over test examples; a tie counts against the source. `bm25`: "
-    "BM25 over the conversations' words; `random`: a seeded random ranking. Cosine is the "
-    "normalised inner product (LESS's choice for its projected gradients).\n"
+    "(mrr), with 95% bootstrap CIs over test examples; ties keep train order, as in the lists of "
+    "score_influence.py. `bm25`: BM25 over the conversations' words; `random`: a seeded random "
+    "ranking. Cosine is the normalised inner product (LESS's choice for its projected "
+    "gradients). Methods and limits: docs/retrieval.md of gradproj.\n"
 )
 
 

@@ -89,8 +89,9 @@ def warn(message: str) -> None:
 def source_ranks(score_dir: ScoreDir, function: str, source_of: dict[str, str]) -> np.ndarray:
     """1-based rank of each test example's source among the train examples, by score.
 
-    Ties count against the source (a tied competitor ranks ahead), so a constant score never
-    looks like a hit. One rank per entry of `source_of`, in its order.
+    Ties are broken as score_influence.py's ranked lists break them (a stable sort: tied train
+    examples keep their train order), so the rank is the source's place in those lists. One
+    rank per entry of `source_of`, in its order.
     """
     return ranks_of_sources(
         score_dir.scores[function], score_dir.train_ids, score_dir.test_ids, source_of
@@ -105,7 +106,8 @@ def ranks_of_sources(
     ranks = []
     for test_id, source in source_of.items():
         i, j = row[test_id], column[source]
-        ranks.append(int(np.sum(scores[i] >= scores[i, j])))
+        ahead = np.sum(scores[i] > scores[i, j]) + np.sum(scores[i, :j] == scores[i, j])
+        ranks.append(int(ahead) + 1)
     return np.asarray(ranks, dtype=int)
 
 
