@@ -434,7 +434,8 @@ class Extractor:
         return [results[i] for i in sorted(results)]
 
     def batch_gradients(self, batch) -> list:
-        """Embedding gradients, or for --target params each example's ParamsExample."""
+        """Embedding gradients, for --target params each example's ParamsExample, for --target
+        hidden each example's mean last hidden state."""
         if self.outputs.params is not None:
             return self.outputs.params.batch(self.model, batch, self.causal, self.pad_id)
         if self.cfg.target == "hidden":

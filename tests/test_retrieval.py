@@ -181,6 +181,13 @@ def test_hidden_state_target_matches_the_models_own_last_hidden_state(tiny_llama
         assert (vector.double() - want).norm() / want.norm() < 1e-5
 
 
+def test_hidden_target_refuses_a_projection(tiny_llama, sft_file, tmp_path, capsys):
+    argv = [str(tiny_llama), str(sft_file), "0", "--target", "hidden", "--random_projection",
+            "--gradients_output_path", str(tmp_path)]  # fmt: skip
+    line = user_error_line(extract_gradients.main, argv, capsys)
+    assert "--target hidden" in line and "--random_projection" in line
+
+
 def compare(tiny_study, tmp_path, *extra):
     _, _, _, scores = tiny_study
     return ["--reference", str(scores / "full"), "--candidates", str(scores / "rademacher_16"),
