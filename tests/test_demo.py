@@ -52,7 +52,7 @@ def test_demo_ends_with_the_retrieval_table_of_every_method(demo_output):
     assert {"embeddings full", "embeddings rademacher_16", "bm25", "random"} <= methods
     assert "hidden state (mean)" in methods
     assert any(m.startswith("params kronecker_16x16") for m in methods)
-    assert any(m.startswith("params rademacher_64, 4 layers") for m in methods)
+    assert any(m.startswith("params rademacher_64, 4 modules") for m in methods)
     assert (table.n_test == table.n_test.iloc[0]).all() and table.n_test.iloc[0] > 0
     assert "Every method" in stdout and stdout.splitlines()[-4].lstrip().startswith("random")
 

@@ -144,7 +144,7 @@ def random_scores(n_test: int, n_train: int, seed: int) -> np.ndarray:
 
 
 def method_label(score_dir: ScoreDir) -> str:
-    """`<target> <full | type_dim>`, with the number of layers of a params run."""
+    """`<target> <full | type_dim>`, with the number of linear modules of a params run."""
     manifest = score_dir.manifest
     target = manifest.get("target") or "embeddings"
     if manifest.get("kind") == "hidden":
@@ -152,7 +152,7 @@ def method_label(score_dir: ScoreDir) -> str:
     projection = score_dir.projection
     variant = "full" if not projection else f"{projection['type']}_{projection['dim']}"
     layers = run_layers(score_dir) if target == "params" else None
-    return f"{target} {variant}" + (f", {layers} layers" if layers else "")
+    return f"{target} {variant}" + (f", {layers} modules" if layers else "")
 
 
 def run_layers(score_dir: ScoreDir) -> int | None:
