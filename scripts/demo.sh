@@ -47,8 +47,9 @@ extract test "${projections[@]}"
 
 echo "== 3/5 other targets for the retrieval table: ${RETRIEVAL:-none}"
 for name in $RETRIEVAL; do
+    [ -n "${targets[$name]:-}" ] || { echo "DEMO_RETRIEVAL: unknown '$name'" >&2; exit 2; }
     IFS='|' read -r _ options <<< "${targets[$name]}"
-    # shellcheck disable=SC2086  # options are words; the glob of --modules is quoted below
+    # shellcheck disable=SC2086  # options split into words; set -f keeps the --modules glob
     for split in train test; do set -f; extract "$split" $options; set +f; done
 done
 
