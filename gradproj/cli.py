@@ -103,8 +103,9 @@ EXTRACT_OPTIONS = {
     "start": dict(help="first example of this task's range"),
     "end": dict(help="end (exclusive) of this task's range"),
     "target": dict(
-        help="embeddings (d loss / d input embeddings) or params (weights of linear layers; "
-        "projected by default, see docs/projection.md)"
+        help="embeddings (d loss / d input embeddings), params (weights of linear layers; "
+        "projected by default, see docs/projection.md) or hidden (no gradient: the mean last "
+        "hidden state, a representation baseline)"
     ),
     "modules": dict(
         metavar="GLOB[,GLOB...]",
@@ -169,6 +170,17 @@ COMPARE_OPTIONS = {
     "seed": dict(help="seed of the permutation tests, bootstrap and theory simulation"),
     "flag_margin": dict(help="flag a measured median Kendall tau this far below the prediction"),
     "device": dict(help="device of the emulated projections"),
+    "retrieval": dict(
+        help="also rank each test example's known source train example (retrieval.csv): the "
+        "compared scores, --retrieval_methods, BM25 and a random ranking"
+    ),
+    "retrieval_methods": dict(
+        nargs="+",
+        metavar="DIR",
+        help="more score directories for the retrieval table only (other targets: params, "
+        "hidden), over the same examples; implies --retrieval",
+    ),
+    "source_field": dict(help="test set column naming each test example's source train id"),
 }
 
 ORIGINAL_OPTIONS = {

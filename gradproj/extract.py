@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from gradproj import __version__, data, models, store
 from gradproj.errors import UserError
-from gradproj.gradients import embedding_gradients
+from gradproj.gradients import embedding_gradients, mean_last_hidden_states
 from gradproj.params import ParamsExample, ParamsTarget
 from gradproj.projection import PROJ_TYPES, Projector
 
 MODES = ("store", "store_mean")
-TARGETS = ("embeddings", "params")
+TARGETS = ("embeddings", "params", "hidden")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Options that decide the bytes of a run: a rerun into the same directory must agree on them.
 IDENTITY = (
@@ -91,7 +91,14 @@ class ExtractConfig:
             (self.checkpoint_nr >= 0, "checkpoint_nr must be >= 0"),
             (self.save_dtype in SAVE_DTYPES, "--save_dtype must be fp32 or bf16"),
             (self.dtype in ("auto", *models.DTYPES), "--dtype must be auto, fp32, bf16 or fp16"),
-            (self.target in TARGETS, f"unknown --target {self.target!r}; use embeddings or params"),
+            (
+                self.target in TARGETS,
+                f"unknown --target {self.target!r}; use embeddings, params or hidden",
+            ),
+            (
+                self.target != "hidden" or self.proj_dim == ["full"],
+                "--target hidden stores the mean last hidden state as is: drop --random_projection",
+            ),
             (
                 self.target == "params" or (not self.modules and not self.include_lm_head),
                 "--modules and --include_lm_head choose layers for --target params only",
@@ -171,6 +178,8 @@ def run_dir(cfg: ExtractConfig, output: str | int) -> Path:
     variant = "full" if output == "full" else "{}_{}".format(*output)
     if cfg.target == "params":  # never shares a directory with an embedding run
         variant = f"params_{variant}"
+    if cfg.target == "hidden":
+        variant = "hidden"
     if cfg.mode == "store_mean":
         variant += "_mean"
     split = re.sub(r"[^\w.-]+", "_", cfg.dataset_split).strip("_")
@@ -282,6 +291,8 @@ class Outputs:
     def header_for(self, output) -> dict:
         if self.params is not None:
             return self.header | self.params.header_for(output)
+        if self.header["target"] == "hidden":
+            return self.header | {"kind": "hidden", "projection": None}
         projected = output != "full"
         projection = None
         if projected:
@@ -483,9 +494,12 @@ class Extractor:
         return [results[i] for i in sorted(results)]
 
     def batch_gradients(self, batch) -> list:
-        """Embedding gradients, or for --target params each example's ParamsExample."""
+        """Embedding gradients, for --target params each example's ParamsExample, for --target
+        hidden each example's mean last hidden state."""
         if self.outputs.params is not None:
             return self.outputs.params.batch(self.model, batch, self.causal, self.pad_id)
+        if self.cfg.target == "hidden":
+            return mean_last_hidden_states(self.model, batch, self.pad_id)
         return embedding_gradients(self.model, batch, self.causal, self.pad_id)
 
     def run(self, start: int, end: int) -> int:
@@ -586,6 +600,9 @@ class Extractor:
         grads = [g for _, g in kept]
         if self.outputs.params is not None:  # params: the batch pass already projected
             return record, self.outputs.params.stack(grads, list(self.outputs.dirs))
+        if self.cfg.target == "hidden":
+            hidden = self.outputs.header["hidden_size"]
+            return record, {"full": torch.stack(grads) if grads else torch.zeros(0, hidden)}
         vectors = {"full": grads}
         for proj_type, projector in self.outputs.projectors.items() if grads else ():
             for dim, matrix in projector.project_batch(grads).items():
@@ -598,7 +615,7 @@ class Extractor:
             got = vectors.get((out[0], dim_size(out[1])))
             empty = torch.zeros(0, dim_size(out[1]))
             return {"vectors": got if got is not None else empty, "index": index}
-        if self.outputs.params is not None:  # params_full: one exact vector per example
+        if self.outputs.params is not None or self.cfg.target == "hidden":  # one row per example
             full = vectors["full"].to(SAVE_DTYPES[self.cfg.save_dtype])
             return {"vectors": full, "index": index}
         grads = vectors["full"]
@@ -655,7 +672,7 @@ class Extractor:
         if out != "full":
             mean = vectors[out[0], dim_size(out[1])].double().mean(0, keepdim=True)
             return {"vectors": mean.float(), "index": index}
-        if self.outputs.params is not None:
+        if self.outputs.params is not None or self.cfg.target == "hidden":
             mean = vectors["full"].double().mean(0, keepdim=True)
             return {"vectors": mean.to(SAVE_DTYPES[self.cfg.save_dtype]), "index": index}
         grads = vectors["full"]

@@ -57,6 +57,16 @@ def embedding_gradients(
     return [grad[row, : ex.length].float() for row, ex in enumerate(batch)]
 
 
+def mean_last_hidden_states(model, batch: list[Example], pad_id: int = 0) -> list[torch.Tensor]:
+    """Each example's last hidden state averaged over its tokens, fp32 `[hidden]` (--target
+    hidden): a representation baseline from the forward pass alone, no loss, no backward."""
+    device = model.get_input_embeddings().weight.device
+    ids, mask, _ = pad_batch(batch, pad_id, device)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return [hidden[row, : ex.length].float().mean(0) for row, ex in enumerate(batch)]
+
+
 # Parameter gradients of linear layers (--target params)
 #
 # For a linear layer y_t = W x_t (+ b) at positions t, an example's weight gradient is

@@ -286,7 +286,7 @@ class Run:
 
     def load_matrix(self) -> tuple[list[str], torch.Tensor]:
         """All vectors of a projected (or params_full) run as one fp32 `[n, k]` matrix."""
-        if self.kind not in ("projected", "params_full"):
+        if self.kind not in ("projected", "params_full", "hidden"):
             raise UserError(f"{self.path} holds {self.kind} gradients; load_matrix needs projected")
         ids, blocks = [], []
         for shard in self.iter_shards():

@@ -35,13 +35,19 @@ MAIN_RESULTS = [
         "CANDIDATES = sorted(p for p in SCORES.iterdir() if p.is_dir() and p != REFERENCE)\n"
         "OUTPUT = ROOT / 'demo_output' / 'notebook'\n"
         "OUTPUT = Path(os.environ.get('GRADPROJ_NOTEBOOK_OUTPUT', OUTPUT))\n"
-        "EMULATE_ORIGINAL = False  # needs the full-gradient runs"
+        "EMULATE_ORIGINAL = False  # needs the full-gradient runs\n"
+        "# Ground-truth retrieval: needs a test set naming each example's source (source_id).\n"
+        "RETRIEVAL = True\n"
+        "# Score directories of other targets (params, hidden), for the retrieval table only.\n"
+        "RETRIEVAL_METHODS = sorted(SCORES.parent.glob('retrieval_scores/*/'))\n"
+        "os.chdir(ROOT)  # the runs record their datasets relative to the repository root"
     ),
     new_code_cell(
         "from IPython.display import Image, Markdown, display\n\n"
         "from gradproj.analysis import CompareConfig, compare_projections\n\n"
         "comparison = compare_projections(CompareConfig(\n"
-        "    REFERENCE, CANDIDATES, OUTPUT, emulate_original=EMULATE_ORIGINAL))"
+        "    REFERENCE, CANDIDATES, OUTPUT, emulate_original=EMULATE_ORIGINAL,\n"
+        "    retrieval=RETRIEVAL, retrieval_methods=RETRIEVAL_METHODS))"
     ),
     new_markdown_cell("## Agreement with the reference (median and 95% bootstrap CI)"),
     new_code_cell(
@@ -69,6 +75,21 @@ MAIN_RESULTS = [
     ),
     new_markdown_cell("## Score dispersion"),
     new_code_cell("comparison.dispersion"),
+    new_markdown_cell(
+        "## Which method finds each test example's source\n\n"
+        "Share of test examples whose known source train example is ranked first (top1) or in "
+        "the first five (top5), and the mean reciprocal rank of the source, with 95% bootstrap "
+        "CIs (docs/retrieval.md)."
+    ),
+    new_code_cell(
+        "from gradproj.analysis.report import retrieval_cells\n\n"
+        "retrieval_cells(comparison.retrieval) if comparison.retrieval is not None else None"
+    ),
+    new_code_cell(
+        "for path in comparison.figures:\n"
+        "    if path.name == 'retrieval.png':\n"
+        "        display(Image(filename=str(path)))"
+    ),
     new_markdown_cell("## Ablation of the original pipeline (with `EMULATE_ORIGINAL`)"),
     new_code_cell("comparison.ablation"),
     new_markdown_cell("The full report with every table:"),

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The whole study on the bundled model and example data, on CPU, in a few minutes:
-# gradients (full and projected, one pass per split) -> scores -> comparison report.
+# gradients (full and projected, one pass per split) -> scores -> comparison report, and the
+# ground-truth retrieval table (which method ranks each test example's source first), for which
+# it also extracts the parameter-gradient target (kronecker per layer; dense on a few layers,
+# LESS-style) and the mean last hidden state.
 # Rerunnable: a second run resumes from what is on disk and is quick.
-# Knobs (environment): DEMO_OUTPUT, DEMO_MAX_SEQ_LENGTH, DEMO_DIMS, DEMO_TYPES, DEMO_LIMIT.
+# Knobs (environment): DEMO_OUTPUT, DEMO_MAX_SEQ_LENGTH, DEMO_DIMS, DEMO_TYPES, DEMO_LIMIT,
+# DEMO_RETRIEVAL (space-separated subset of "params less hidden"; empty: embeddings only),
+# DEMO_LESS_MODULES, DEMO_LESS_DIM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DEMO_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
@@ -12,30 +17,58 @@ OUT=${DEMO_OUTPUT:-demo_output}
 MODEL=bundled:smollm2-135m-instruct
 DIMS=${DEMO_DIMS:-512,4096,32768}
 TYPES=${DEMO_TYPES:-rademacher,normal}
-common=(--max_seq_length "${DEMO_MAX_SEQ_LENGTH:-256}" --gradients_output_path "$OUT/gradients"
-        --random_projection --proj_dim "full,$DIMS" --proj_type "$TYPES" --device cpu)
-[ -n "${DEMO_LIMIT:-}" ] && common+=(--limit "$DEMO_LIMIT")
 
-echo "== 1/4 train gradients (full and ${TYPES} at ${DIMS} dims, one pass)"
-$PY extract_gradients.py "$MODEL" examples/data/train.jsonl 0 --dataset_split train "${common[@]}"
-echo "== 2/4 test gradients"
-$PY extract_gradients.py "$MODEL" examples/data/test.jsonl 0 --dataset_split test "${common[@]}"
-
-echo "== 3/4 influence scores (dot and cosine)"
+RETRIEVAL=${DEMO_RETRIEVAL-params less hidden}
+LESS_MODULES=${DEMO_LESS_MODULES:-model.layers.2[6-9].self_attn.v_proj}
+LESS_DIM=${DEMO_LESS_DIM:-1024}
 run() { echo "$OUT/gradients/$1/smollm2-135m-instruct/$2/$2/0"; }
+# Other targets, for the retrieval table only: name, then extraction options.
+declare -A targets=(
+    [params]="params_kronecker_16x16|--target params"
+    [less]="params_rademacher_${LESS_DIM}|--target params --modules $LESS_MODULES --random_projection --proj_type rademacher --proj_dim $LESS_DIM --batch_tokens 8192 --proj_memory_gb 2"
+    [hidden]="hidden|--target hidden"
+)
+extract() {  # split, then extra options
+    local split=$1; shift
+    $PY extract_gradients.py "$MODEL" "examples/data/$split.jsonl" 0 --dataset_split "$split" \
+        --max_seq_length "${DEMO_MAX_SEQ_LENGTH:-256}" --gradients_output_path "$OUT/gradients" \
+        --device cpu ${DEMO_LIMIT:+--limit "$DEMO_LIMIT"} "$@"
+}
+score() {  # variant, output
+    $PY score_influence.py --train "$(run "$1" train)" --test "$(run "$1" test)" \
+        --func both --output "$2" --top_k 5
+}
+
+projections=(--random_projection --proj_dim "full,$DIMS" --proj_type "$TYPES")
+echo "== 1/5 train gradients (full and ${TYPES} at ${DIMS} dims, one pass)"
+extract train "${projections[@]}"
+echo "== 2/5 test gradients"
+extract test "${projections[@]}"
+
+echo "== 3/5 other targets for the retrieval table: ${RETRIEVAL:-none}"
+for name in $RETRIEVAL; do
+    [ -n "${targets[$name]:-}" ] || { echo "DEMO_RETRIEVAL: unknown '$name'" >&2; exit 2; }
+    IFS='|' read -r _ options <<< "${targets[$name]}"
+    # shellcheck disable=SC2086  # options split into words; set -f keeps the --modules glob
+    for split in train test; do set -f; extract "$split" $options; set +f; done
+done
+
+echo "== 4/5 influence scores (dot and cosine)"
 variants=(full)
 IFS=, read -ra dims <<< "$DIMS"
 IFS=, read -ra types <<< "$TYPES"
 for t in "${types[@]}"; do for d in "${dims[@]}"; do variants+=("${t}_${d}"); done; done
-for v in "${variants[@]}"; do
-    $PY score_influence.py --train "$(run "$v" train)" --test "$(run "$v" test)" \
-        --func both --output "$OUT/scores/$v" --top_k 5
+for v in "${variants[@]}"; do score "$v" "$OUT/scores/$v"; done
+others=()
+for name in $RETRIEVAL; do
+    IFS='|' read -r variant _ <<< "${targets[$name]}"
+    score "$variant" "$OUT/retrieval_scores/$variant"
+    others+=("$OUT/retrieval_scores/$variant")
 done
 
-echo "== 4/4 comparison with the full gradient"
+echo "== 5/5 comparison with the full gradient, and retrieval of each test example's source"
 candidates=()
 for v in "${variants[@]:1}"; do candidates+=("$OUT/scores/$v"); done
 $PY compare_projections.py --reference "$OUT/scores/full" --candidates "${candidates[@]}" \
-    --output "$OUT/report" --emulate_original
-$PY scripts/demo_summary.py --scores "$OUT/scores" --report "$OUT/report" \
-    --test_data examples/data/test.jsonl
+    --output "$OUT/report" --emulate_original --retrieval ${others[@]:+--retrieval_methods "${others[@]}"}
+$PY scripts/demo_summary.py --report "$OUT/report"

@@ -22,6 +22,7 @@ def demo_output(tmp_path_factory):
         "DEMO_DIMS": "16,4096",
         "DEMO_TYPES": "rademacher",
         "DEMO_LIMIT": "20",
+        "DEMO_LESS_DIM": "64",
         "DEMO_SKIP_SETUP": "1",
     }
     proc = subprocess.run(
@@ -42,6 +43,18 @@ def test_demo_writes_report_with_plausible_agreement(demo_output):
         assert by_dim[4096] > by_dim[16], function
         assert 0.5 < by_dim[4096] <= 1.0
     assert "source_top1" in stdout and "report:" in stdout
+
+
+def test_demo_ends_with_the_retrieval_table_of_every_method(demo_output):
+    out, stdout = demo_output
+    table = pd.read_csv(out / "report" / "retrieval.csv")
+    methods = set(table.method)
+    assert {"embeddings full", "embeddings rademacher_16", "bm25", "random"} <= methods
+    assert "hidden state (mean)" in methods
+    assert any(m.startswith("params kronecker_16x16") for m in methods)
+    assert any(m.startswith("params rademacher_64, 4 modules") for m in methods)
+    assert (table.n_test == table.n_test.iloc[0]).all() and table.n_test.iloc[0] > 0
+    assert "Every method" in stdout and stdout.splitlines()[-4].lstrip().startswith("random")
 
 
 def test_demo_skips_the_truncated_long_examples(demo_output):

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
+from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
 from gradproj.analysis.scores import ScoreDir, align_to, load_score_dir
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
@@ -36,6 +37,9 @@ class CompareConfig:
     seed: int = 0
     flag_margin: float = 0.1
     device: str = "cpu"
+    retrieval: bool = False
+    retrieval_methods: list[Path] = field(default_factory=list)
+    source_field: str = SOURCE_FIELD
 
     def validate(self) -> "CompareConfig":
         self.reference = Path(self.reference)
@@ -58,6 +62,10 @@ class CompareConfig:
             raise UserError("--fp16_runs is only used with --emulate_original")
         if not 0 <= self.flag_margin <= 2:
             raise UserError("--flag_margin must lie in [0, 2] (a Kendall tau difference)")
+        self.retrieval_methods = [Path(p) for p in self.retrieval_methods]
+        self.retrieval = self.retrieval or bool(self.retrieval_methods)
+        if self.retrieval and not self.source_field:
+            raise UserError("--source_field is empty; name the test set's source column")
         return self
 
 
@@ -74,6 +82,7 @@ class Comparison:
     theory_vs_measured: pd.DataFrame
     dispersion: pd.DataFrame
     ablation: pd.DataFrame | None = None
+    retrieval: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
 
@@ -332,6 +341,16 @@ def ablation_record(row: AblationRow, config: CompareConfig) -> dict:
     }
 
 
+def source_retrieval(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
+) -> pd.DataFrame:
+    """Ground-truth retrieval table: the compared directories, --retrieval_methods, baselines."""
+    others = [load_score_dir(path) for path in config.retrieval_methods]
+    return retrieval_table(
+        [reference, *candidates, *others], config.source_field, config.n_bootstrap, config.seed
+    )
+
+
 def compare_projections(config: CompareConfig) -> Comparison:
     """Compute every table and figure and write them, with report.md, under config.output;
     a progress line on stderr names the step that runs."""
@@ -339,7 +358,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
 
     config.validate()
     notes: list[str] = []
-    steps = 7 + config.emulate_original
+    steps = 7 + config.emulate_original + config.retrieval
     with tqdm(total=steps, desc="compare", unit="step", file=sys.stderr) as bar:
 
         def step(name: str, compute, *args):
@@ -349,6 +368,10 @@ def compare_projections(config: CompareConfig) -> Comparison:
             return result
 
         reference, candidates = step("loading scores", load_inputs, config)
+        # First: it reads the datasets, and a bad source id should stop the run before the rest.
+        retrieval = None
+        if config.retrieval:
+            retrieval = step("source retrieval", source_retrieval, reference, candidates, config)
         if reference.manifest.get("kind") != "full":
             notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
         metrics = step("agreement metrics", compute_metrics, reference, candidates, config.top_ks)
@@ -371,6 +394,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
             theory_vs_measured=compare_with_theory(summary, theory, config.flag_margin),
             dispersion=dispersion,
             ablation=ablation,
+            retrieval=retrieval,
             notes=notes,
         )
         step("tables, figures, report", write_outputs, comparison, config.output)

@@ -197,6 +197,33 @@ def original_curves(ablation: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
+    """Top-1 hit rate and MRR of the source per method and function, with 95% bootstrap CIs."""
+    labels = [f"{r.method} ({r.function})" if r.function != r.method else r.method
+              for r in table.itertuples()]  # fmt: skip
+    y = np.arange(len(table))[::-1]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(10, 0.32 * len(table) + 1.4), sharey=True, constrained_layout=True
+    )
+    for ax, (stat, title) in zip(
+        axes, (("top1", "source ranked first"), ("mrr", "MRR")), strict=True
+    ):
+        err = np.vstack(
+            [table[stat] - table[f"{stat}_ci_low"], table[f"{stat}_ci_high"] - table[stat]]
+        )
+        colors = [
+            f"C{FUNCTION_ORDER.index(f) if f in FUNCTION_ORDER else 2}" for f in table.function
+        ]
+        ax.errorbar(table[stat], y, xerr=np.clip(err, 0, None), fmt="none", ecolor="0.6", capsize=3)
+        ax.scatter(table[stat], y, c=colors, zorder=3)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize="small")
+    fig.suptitle(f"Finding each test example's source ({int(table.n_test.iloc[0])} test examples)")
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)

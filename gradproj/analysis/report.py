@@ -23,6 +23,8 @@ def write_outputs(comparison, output: Path) -> None:
     }
     if comparison.ablation is not None:
         tables["ablation.csv"] = comparison.ablation
+    if comparison.retrieval is not None:
+        tables["retrieval.csv"] = comparison.retrieval
     for name, table in tables.items():
         table.to_csv(output / name, index=False)
     comparison.figures = write_figures(comparison, output)
@@ -48,6 +50,8 @@ def write_figures(comparison, output: Path) -> list[Path]:
         paths.append(figures.original_curves(comparison.ablation, output / "original_curves.png"))
     if (comparison.metrics.comparison == "dot_vs_cosine").any():
         paths.append(figures.dot_cosine_histogram(comparison.metrics, output / "dot_vs_cosine.png"))
+    if comparison.retrieval is not None:
+        paths.append(figures.retrieval_intervals(comparison.retrieval, output / "retrieval.png"))
     return paths
 
 
@@ -96,7 +100,34 @@ def render_report(comparison) -> str:
             "the 1/sqrt(k) scaling, projected dot products grow with k):\n",
             markdown_table(ablation_pivot(comparison.ablation, "mean_std_of_scores")),
         ]
+    if comparison.retrieval is not None:
+        parts += [
+            "\n## Retrieval of each test example's known source\n",
+            RETRIEVAL_NOTE,
+            markdown_table(retrieval_cells(comparison.retrieval)),
+            *figure_links(comparison.figures, "retrieval"),
+        ]
     return "\n".join(parts) + "\n"
+
+
+RETRIEVAL_NOTE = (
+    "Per method and score function: the share of test examples whose source train example is "
+    "ranked first (top1) or in the first five (top5), and the mean reciprocal rank of the source "
+    "(mrr), with 95% bootstrap CIs over test examples; ties keep train order, as in the lists of "
+    "score_influence.py. `bm25`: BM25 over the conversations' words; `random`: a seeded random "
+    "ranking. Cosine is the normalised inner product (LESS's choice for its projected "
+    "gradients). Methods and limits: docs/retrieval.md of gradproj.\n"
+)
+
+
+def retrieval_cells(table: pd.DataFrame) -> pd.DataFrame:
+    cells = table[["method", "function", "n_test"]].copy()
+    for name in ("top1", "top5", "mrr"):
+        cells[name] = [
+            f"{r[name]:.2f} [{r[name + '_ci_low']:.2f}, {r[name + '_ci_high']:.2f}]"
+            for _, r in table.iterrows()
+        ]
+    return cells
 
 
 ABLATION_NOTE = (

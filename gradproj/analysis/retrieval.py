@@ -1,29 +1,213 @@
-"""Source retrieval: how often a test example's known source is ranked first or in the top k.
+"""Source retrieval: does a method rank each test example's known source train example first?
 
-A sanity check that explanations point somewhere sensible, for data whose test examples are
-paraphrases of (or answered by) a known train example, such as the bundled example data.
+For test sets whose examples come from a known train example (a paraphrase of it, as in the
+bundled example data, named by a `source_id` field), every method's ranking of the train examples
+is judged against that ground truth: the top-1 and top-5 hit rate and the mean reciprocal rank
+of the source, each with a percentile bootstrap 95% CI over test examples. The methods: every
+score directory given (any target, projection and score function), BM25 over the conversations'
+text (the `bm25s` library) and a seeded random ranking.
 """
 
-import numpy as np
+import json
+import sys
+from pathlib import Path
 
-from gradproj.analysis.scores import ScoreDir
+import numpy as np
+import pandas as pd
+
+from gradproj.analysis.scores import FUNCTIONS, ScoreDir, align_to
+from gradproj.analysis.stats import bootstrap_ci
+from gradproj.errors import UserError
+
+KS = (1, 5)
+SOURCE_FIELD = "source_id"
+STATISTICS = (*(f"top{k}" for k in KS), "mrr")
+
+
+def read_rows(dataset: str, split: str) -> dict[str, dict]:
+    """A dataset split's rows by example id (the ids extraction gives them)."""
+    from gradproj import data  # imports `datasets`: only the retrieval evaluation needs it
+
+    rows = data.load_split(dataset, split)
+    return {data.example_id(row, i): row for i, row in enumerate(rows)}
+
+
+def conversation_text(row: dict) -> str:
+    """Every turn's content (user and assistant), or a pretraining row's `text`."""
+    if row.get("messages"):
+        from gradproj import data
+
+        return "\n".join(m["content"] for m in data.conversation(row))
+    return str(row.get("text", ""))
+
+
+def find_sources(
+    test_rows: dict[str, dict], train_rows: dict[str, dict], scored: ScoreDir, field: str
+) -> dict[str, str]:
+    """{test id: source train id} for the scored test examples, in the scores' order.
+
+    A test example without a source, or whose source was skipped at extraction, is left out with
+    a warning naming it; a source that names no train example at all is an error.
+    """
+    scored_train = set(scored.train_ids)
+    sources = {}
+    for test_id in scored.test_ids:
+        if test_id not in test_rows:
+            raise UserError(
+                f"test example {test_id!r} of the scores is not in the test dataset; "
+                "the scores were computed on another dataset"
+            )
+        source = test_rows[test_id].get(field)
+        if source in (None, ""):
+            warn(f"test example {test_id!r} has no {field!r}: left out of the retrieval evaluation")
+            continue
+        source = str(source)
+        if source not in train_rows:
+            raise UserError(
+                f"test example {test_id!r} has {field} {source!r}, which names no train "
+                f"example; correct the test set or choose another --source_field"
+            )
+        if source not in scored_train:
+            warn(
+                f"the source {source!r} of test example {test_id!r} has no scores (skipped at "
+                "extraction): left out of the retrieval evaluation"
+            )
+            continue
+        sources[test_id] = source
+    if not sources:
+        raise UserError(
+            f"no scored test example has a {field!r} among the scored train examples: nothing "
+            "to evaluate; pass a test set with sources or another --source_field"
+        )
+    return sources
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def source_ranks(score_dir: ScoreDir, function: str, source_of: dict[str, str]) -> np.ndarray:
     """1-based rank of each test example's source among the train examples, by score.
 
-    Ties count against the source (a tied competitor ranks ahead), so a constant score never
-    looks like a hit. Test examples whose source is absent from the scores are left out.
+    Ties are broken as score_influence.py's ranked lists break them (a stable sort: tied train
+    examples keep their train order), so the rank is the source's place in those lists. One
+    rank per entry of `source_of`, in its order.
     """
-    scores = score_dir.scores[function]
-    column = {train_id: j for j, train_id in enumerate(score_dir.train_ids)}
+    return ranks_of_sources(
+        score_dir.scores[function], score_dir.train_ids, score_dir.test_ids, source_of
+    )
+
+
+def ranks_of_sources(
+    scores: np.ndarray, train_ids: list[str], test_ids: list[str], source_of: dict[str, str]
+) -> np.ndarray:
+    column = {train_id: j for j, train_id in enumerate(train_ids)}
+    row = {test_id: i for i, test_id in enumerate(test_ids)}
     ranks = []
-    for i, test_id in enumerate(score_dir.test_ids):
-        j = column.get(source_of.get(test_id))
-        if j is not None:
-            ranks.append(int(np.sum(scores[i] >= scores[i, j])))
+    for test_id, source in source_of.items():
+        i, j = row[test_id], column[source]
+        ahead = np.sum(scores[i] > scores[i, j]) + np.sum(scores[i, :j] == scores[i, j])
+        ranks.append(int(ahead) + 1)
     return np.asarray(ranks, dtype=int)
 
 
-def hit_rates(ranks: np.ndarray, ks=(1, 5)) -> dict[str, float]:
-    return {f"top{k}": float(np.mean(ranks <= k)) if len(ranks) else float("nan") for k in ks}
+def retrieval_statistics(ranks: np.ndarray, n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Top-k hit rates and MRR of the source ranks, each with its 95% bootstrap CI."""
+    ranks = np.asarray(ranks)
+    per_test = {f"top{k}": (ranks <= k).astype(float) for k in KS} | {"mrr": 1.0 / ranks}
+    row: dict = {"n_test": int(ranks.size)}
+    for name, values in per_test.items():
+        low, high = bootstrap_ci(values, np.mean, n_bootstrap, seed=seed)
+        row |= {name: float(np.mean(values)), f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return row
+
+
+def bm25_scores(train_texts: list[str], test_texts: list[str]) -> np.ndarray:
+    """`[n_test, n_train]` BM25 (Lucene variant, k1 1.5, b 0.75) of each test text as the query
+    against the train texts as the corpus; lower-cased words, English stopwords, no stemming."""
+    import bm25s
+
+    def words(texts):
+        return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+    index = bm25s.BM25()
+    index.index(words(train_texts), show_progress=False)
+    vocabulary = set(index.vocab_dict)
+    return np.stack(
+        [index.get_scores([w for w in query if w in vocabulary]) for query in words(test_texts)]
+    ).astype(np.float64)
+
+
+def random_scores(n_test: int, n_train: int, seed: int) -> np.ndarray:
+    """A seeded random ranking (expected top-1 hit rate 1/n_train)."""
+    return np.random.default_rng(seed).random((n_test, n_train))
+
+
+def method_label(score_dir: ScoreDir) -> str:
+    """`<target> <full | type_dim>`, with the number of linear modules of a params run."""
+    manifest = score_dir.manifest
+    target = manifest.get("target") or "embeddings"
+    if manifest.get("kind") == "hidden":
+        return "hidden state (mean)"
+    projection = score_dir.projection
+    variant = "full" if not projection else f"{projection['type']}_{projection['dim']}"
+    layers = run_layers(score_dir) if target == "params" else None
+    return f"{target} {variant}" + (f", {layers} modules" if layers else "")
+
+
+def run_layers(score_dir: ScoreDir) -> int | None:
+    manifest = Path(score_dir.summary.get("train_run", "")) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return len(json.loads(manifest.read_text()).get("modules") or []) or None
+
+
+def retrieval_table(
+    score_dirs: list[ScoreDir],
+    field: str = SOURCE_FIELD,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    rows: tuple[dict, dict] | None = None,
+) -> pd.DataFrame:
+    """One row per method and score function; BM25 and random ranking last.
+
+    Every score directory must hold the same train and test examples (the first is the
+    reference order). `rows` = (train rows, test rows) by id; default: the datasets named in the
+    first directory's run manifests.
+    """
+    reference = score_dirs[0]
+    aligned = [reference, *(align_to(reference, d) for d in score_dirs[1:])]
+    train_rows, test_rows = rows or dataset_rows(reference)
+    source_of = find_sources(test_rows, train_rows, reference, field)
+    table = []
+    for score_dir in aligned:
+        for function in (f for f in FUNCTIONS if f in score_dir.scores):
+            ranks = source_ranks(score_dir, function, source_of)
+            table.append(
+                {"method": method_label(score_dir), "function": function}
+                | retrieval_statistics(ranks, n_bootstrap, seed)
+            )
+    baselines = {
+        "bm25": bm25_scores(
+            [conversation_text(train_rows[i]) for i in reference.train_ids],
+            [conversation_text(test_rows[i]) for i in reference.test_ids],
+        ),
+        "random": random_scores(len(reference.test_ids), len(reference.train_ids), seed),
+    }
+    for name, scores in baselines.items():
+        ranks = ranks_of_sources(scores, reference.train_ids, reference.test_ids, source_of)
+        table.append(
+            {"method": name, "function": name} | retrieval_statistics(ranks, n_bootstrap, seed)
+        )
+    return pd.DataFrame(table)
+
+
+def dataset_rows(score_dir: ScoreDir) -> tuple[dict, dict]:
+    """(train rows, test rows) by id, from the datasets the scored runs were extracted from."""
+    found = []
+    for side in ("train", "test"):
+        manifest = score_dir.summary.get(f"{side}_manifest") or {}
+        if not manifest.get("dataset"):
+            raise UserError(f"{score_dir.path} does not record its {side} dataset; rescore it")
+        found.append(read_rows(manifest["dataset"], manifest.get("split") or side))
+    return found[0], found[1]

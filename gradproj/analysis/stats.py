@@ -39,14 +39,21 @@ def bootstrap_median_ci(
     values: np.ndarray, n_resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the median (resampling test examples)."""
+    return bootstrap_ci(values, np.median, n_resamples, level, seed)
+
+
+def bootstrap_ci(
+    values: np.ndarray, statistic=np.mean, n_resamples: int = 2000, level: float = 0.95, seed=0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of `statistic(values, axis=...)`."""
     values = _finite(values)
     if values.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     resampled = rng.choice(values, size=(n_resamples, values.size), replace=True)
-    medians = np.median(resampled, axis=1)
+    estimates = statistic(resampled, axis=1)
     tail = (1 - level) / 2
-    low, high = np.quantile(medians, [tail, 1 - tail])
+    low, high = np.quantile(estimates, [tail, 1 - tail])
     return float(low), float(high)
 
 
