@@ -22,6 +22,7 @@ def demo_output(tmp_path_factory):
         "DEMO_DIMS": "16,4096",
         "DEMO_TYPES": "rademacher",
         "DEMO_LIMIT": "20",
+        "DEMO_RETRIEVAL": "params less hidden",
         "DEMO_LESS_DIM": "64",
         "DEMO_SKIP_SETUP": "1",
     }
