@@ -23,8 +23,8 @@ import torch
 
 from gradproj import data, models
 from gradproj.gradients import embedding_gradients, linear_modules
-from gradproj.params import ParamsTarget
-from gradproj.projection import Projector
+from gradproj.projection import OutputSpec, make_projection
+from gradproj.targets import ParamsTarget, run_batch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "oasst1_tulu_format.jsonl"
 CONFIGS = ("embeddings", "kronecker", "dense", "naive")
@@ -87,7 +87,7 @@ def run_embeddings(model, examples, args, pad_id) -> None:
 
 def run_params(model, examples, args, pad_id, target: ParamsTarget) -> None:
     for batch in data.batches_by_tokens(examples, args.batch_tokens):
-        target.batch(model, batch, True, pad_id)
+        run_batch([target], model, batch, True, pad_id)
 
 
 def naive_gradient(model, weights, ex: data.Example) -> torch.Tensor:
@@ -111,7 +111,7 @@ def run_naive(model, examples, args) -> dict:
     backward_s = time.perf_counter() - began
     dim = flats[0].numel()
     prefix = min(dim, args.naive_prefix)
-    projector = Projector("rademacher", [args.dense_dim], 0, (1, prefix), args.device)
+    projector = make_projection("rademacher", [args.dense_dim], 0, (1, prefix), device=args.device)
     began = time.perf_counter()
     for flat in flats:  # one example at a time, as the gradient comes
         projector.project_batch([flat[None, :prefix]])
@@ -142,7 +142,9 @@ def measure(name: str, args) -> dict:
         if name != "embeddings":
             patterns = None if name == "kronecker" else [args.dense_module]
             output = (
-                ("kronecker", "16x16") if name == "kronecker" else ("rademacher", args.dense_dim)
+                OutputSpec("kronecker", "16x16")
+                if name == "kronecker"
+                else OutputSpec("rademacher", args.dense_dim)
             )
             target = ParamsTarget(
                 model, patterns, False, [output], 0, args.device, batch_tokens=args.batch_tokens

@@ -22,7 +22,7 @@ import torch
 
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gradproj.projection import Projector  # noqa: E402
+from gradproj.projection import make_projection  # noqa: E402
 
 HIDDEN = 4096
 # Columns timed at most: a few of the projector's blocks wide (2048 on CPU, 65536 on CUDA).
@@ -121,9 +121,9 @@ def time_ours(proj_type, shape, grads, k, max_entries, device) -> tuple[float, s
 
 
 def measure_ours(proj_type, shape, grads, columns, device) -> float:
-    projector = Projector(proj_type, [columns], 0, shape, device=device)
+    projector = make_projection(proj_type, [columns], 0, shape, device=device)
     # Warm-up (kernels, BLAS handles, compilation) on one row, so that it costs nothing here.
-    Projector(proj_type, [64], 0, shape, device=device).project_batch([grads[0][:1]])
+    make_projection(proj_type, [64], 0, shape, device=device).project_batch([grads[0][:1]])
     return timed(lambda: projector.project_batch(grads), device)
 
 

@@ -269,13 +269,76 @@ def run_extract(args: argparse.Namespace) -> int:
 
     load_dotenv()
     if args.verify:
-        return extract.verify_run(args.verify)
+        return verify_run(args.verify)
     if args.merge:
-        return extract.merge_run(args.merge)
+        return merge_run(args.merge)
     if args.model is None or args.dataset is None or args.checkpoint_nr is None:
         raise UserError("model, dataset and checkpoint_nr are required (see --help)")
     options = {k: v for k, v in vars(args).items() if k not in ("verify", "merge")}
     return extract.run_extraction(extract.ExtractConfig(**options))
+
+
+# --- gradproj verify / merge (and extract's --verify / --merge) ---
+
+
+def run_dirs_below(path: str) -> list[Path]:
+    """`path` itself when it is a run directory, else every run directory below it."""
+    from gradproj import store
+
+    root = Path(path)
+    if (root / store.MANIFEST).is_file() or not root.is_dir():
+        return [root]
+    return sorted(p.parent for p in root.rglob(store.MANIFEST)) or [root]
+
+
+def verify_run(path: str) -> int:
+    """Print complete, missing and corrupt shards of a run (or of every run below `path`);
+    exit status 0 only when every run is complete and its manifest lists every shard."""
+    status = 0
+    for run_path in run_dirs_below(path):
+        status |= _verify_one(run_path)
+    return status
+
+
+def _verify_one(path: Path) -> int:
+    from gradproj import store
+
+    run = store.Run(path)
+    report = run.verify()
+    for label, names in (("missing", report.missing), ("corrupt", report.corrupt)):
+        for name in names:
+            print(f"{label}: {path / name}")
+    listed = {s["file"] for s in run.manifest["shards"]}
+    unmerged = [name for name in report.complete if name not in listed]
+    if not report.ok:
+        print(f"{path}: INCOMPLETE: {report.summary()}; rerun the extraction to resume it")
+        return 1
+    if unmerged:
+        print(
+            f"{path}: every shard is present, but manifest.json lacks {len(unmerged)} of them "
+            f"({', '.join(unmerged[:5])}); run: extract_gradients.py --merge {path}"
+        )
+        return 1
+    print(
+        f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
+        f"gradient(s), {len(run.manifest['skipped'])} skipped"
+    )
+    return 0
+
+
+def merge_run(path: str) -> int:
+    """Rebuild manifest.json from the shards present (after job-array tasks), of a run or of
+    every run below `path`."""
+    from gradproj import store
+
+    for run_path in run_dirs_below(path):
+        manifest = store.Run(run_path).manifest
+        header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
+        merged = store.merge_manifest(
+            run_path, header, manifest["n_examples"], manifest["shard_size"], {}
+        )
+        print(f"{run_path}: {len(merged['shards'])} shard(s), complete={merged['complete']}")
+    return 0
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,15 +397,13 @@ def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from gradproj import extract
 
-    return extract.verify_run(args.run_dir)
+    return verify_run(args.run_dir)
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from gradproj import extract
 
-    return extract.merge_run(args.run_dir)
+    return merge_run(args.run_dir)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,9 @@ as keys, so their gradient is exactly zero and is never returned.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,8 @@ def embedding_gradients(
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits
     loss = per_example_mean_loss(logits, labels, causal).sum()
+    # Differentiating w.r.t. the embeddings also makes autograd visit every layer's output,
+    # which is what the hooks of the parameter target (`LinearTaps`) need.
     (grad,) = torch.autograd.grad(loss, embeds)
     return [grad[row, : ex.length].float() for row, ex in enumerate(batch)]
 
@@ -139,17 +143,6 @@ class LinearTaps:
         return hook
 
 
-def backward_batch(model, batch: list[Example], causal: bool, pad_id: int) -> None:
-    """One forward and backward pass of the batch loss (sum of per-example mean losses)."""
-    device = model.get_input_embeddings().weight.device
-    ids, mask, labels = pad_batch(batch, pad_id, device)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-    loss = per_example_mean_loss(logits, labels, causal).sum()
-    # Differentiating w.r.t. the embeddings makes autograd visit every layer's output.
-    torch.autograd.grad(loss, embeds)
-
-
 @dataclass
 class CapturedBatch:
     """Each chosen layer's inputs and output gradients for one batch, fp32 `[B, T, d]`."""
@@ -172,8 +165,10 @@ class CapturedBatch:
         return torch.cat(parts, dim=1)
 
 
-def capture_linear_layers(model, batch, causal, pad_id, modules) -> CapturedBatch:
-    """One batched pass keeping the inputs and output gradients of the chosen layers."""
+@contextlib.contextmanager
+def linear_layers_captured(modules) -> Iterator[CapturedBatch]:
+    """Around one pass (`embedding_gradients`): keeps the chosen layers' inputs and output
+    gradients."""
     captured = CapturedBatch(modules, {}, {})
 
     def keep_input(name, x):
@@ -183,24 +178,15 @@ def capture_linear_layers(model, batch, causal, pad_id, modules) -> CapturedBatc
         captured.output_grads[name] = delta.float()
 
     with LinearTaps(modules, keep_input, keep_grad):
-        backward_batch(model, batch, causal, pad_id)
-    return captured
+        yield captured
 
 
-def projected_outer_sum(
-    delta: torch.Tensor, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor
-) -> torch.Tensor:
-    """fp32 `[B, k_out, k_in]`: A^T (sum_t delta_t x_t^T) B as sum_t (A^T delta_t)(B^T x_t)^T.
-
-    delta `[B, T, d_out]`, x `[B, T, d_in]`, left A `[d_out, k_out]`, right B `[d_in, k_in]`.
-    """
-    return torch.einsum("bto,bti->boi", delta.float() @ left, x.float() @ right)
-
-
-def kronecker_linear_projections(
-    model, batch, causal, pad_id, modules, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """{name: fp32 `[B, k_out, k_in]`}: A^T G B of each example's weight gradient G, unscaled.
+@contextlib.contextmanager
+def kronecker_projected(
+    modules, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Around one pass: {name: fp32 `[B, k_out, k_in]`}, A^T G B of each example's weight
+    gradient G of each chosen layer that influences the loss, unscaled.
 
     The forward hook keeps only B^T x_t (k_in numbers a position) and the backward hook
     multiplies in A^T delta_t, so no weight-sized tensor is ever formed.
@@ -216,8 +202,24 @@ def kronecker_linear_projections(
         out[name] = torch.einsum("bto,bti->boi", left, right_products.pop(name))
 
     with LinearTaps(modules, project_input, project_grad):
-        backward_batch(model, batch, causal, pad_id)
-    for name, _ in modules:  # a layer without output gradient contributes zero
+        yield out
+
+
+def capture_linear_layers(model, batch, causal, pad_id, modules) -> CapturedBatch:
+    """One batched pass keeping the inputs and output gradients of the chosen layers."""
+    with linear_layers_captured(modules) as captured:
+        embedding_gradients(model, batch, causal, pad_id)
+    return captured
+
+
+def kronecker_linear_projections(
+    model, batch, causal, pad_id, modules, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """One batched pass: {name: fp32 `[B, k_out, k_in]`} for every chosen layer (zero for a
+    layer without output gradient)."""
+    with kronecker_projected(modules, factors) as out:
+        embedding_gradients(model, batch, causal, pad_id)
+    for name, _ in modules:
         if name not in out:
             a, b = factors[name]
             out[name] = a.new_zeros(len(batch), a.shape[1], b.shape[1])

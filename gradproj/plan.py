@@ -90,8 +90,7 @@ class PlanConfig:
 
     def validate(self) -> None:
         from gradproj.data import PARADIGMS
-        from gradproj.extract import parse_dims
-        from gradproj.projection import PROJ_TYPES
+        from gradproj.projection import PROJ_TYPES, parse_dims
 
         self.dims = parse_dims(self.proj_dim)
         if any(isinstance(d, str) and d != "full" for d in self.dims):
@@ -213,17 +212,15 @@ def projection_seconds(gpu: str, proj_type: str, coordinates: float, k: int) -> 
 
 def block_gib(cfg: PlanConfig, proj_type: str, hidden: int) -> float:
     """Memory of one block of the random matrix: the block the projector itself would choose
-    (constructing a Projector allocates nothing)."""
-    from gradproj.projection import _BYTES_PER_ENTRY, Projector
+    (constructing a projection allocates nothing)."""
+    from gradproj.projection import make_projection
 
-    if proj_type not in _BYTES_PER_ENTRY:
-        return 0.0
     budget = cfg.proj_memory_gb or (1.0 if cfg.gpu == "cpu" else GPU_MEMORY_GIB[cfg.gpu] / 4)
     dims = [d for d in cfg.dims if d != "full"] or [1]
     device = "cpu" if cfg.gpu == "cpu" else "cuda"
-    projector = Projector(proj_type, dims, 0, (cfg.max_seq_length, hidden), device, budget)
-    entries = projector.block_rows * projector.block_cols
-    return entries * _BYTES_PER_ENTRY[proj_type] / 2**30
+    shape = (cfg.max_seq_length, hidden)
+    projection = make_projection(proj_type, dims, 0, shape, device=device, memory_gb=budget)
+    return projection.block_bytes() / 2**30
 
 
 def original_hours(cfg: PlanConfig, shape: Shape, n: int, output) -> float:

@@ -441,6 +441,44 @@ def recorded_checksums(run_dir: Path) -> dict[str, str]:
     return {s["file"]: s["sha256"] for s in shards}
 
 
+# --- The tensors of a shard ---
+#
+# A shard holds `index` (int64 [n], each example's row of the split) and either `vectors`
+# ([n, width]: projections, parameter gradients, hidden states) or the ragged `values`
+# ([sum of lengths, width]) with `offsets` (int64 [n + 1]) of full embedding gradients.
+
+
+def shard_tensors(
+    data: torch.Tensor | list[torch.Tensor], index: list[int], dtype: torch.dtype, width: int
+) -> dict[str, torch.Tensor]:
+    """A shard's tensors from a `[n, width]` matrix or a list of ragged `[length, width]` rows."""
+    index = torch.tensor(index, dtype=torch.long)
+    if isinstance(data, torch.Tensor):
+        return {"vectors": data.to(dtype), "index": index}
+    values = torch.cat(data) if data else torch.zeros(0, width)
+    lengths = torch.tensor([0] + [rows.shape[0] for rows in data], dtype=torch.long)
+    return {"values": values.to(dtype), "offsets": torch.cumsum(lengths, 0), "index": index}
+
+
+def mean_tensors(data: torch.Tensor | list[torch.Tensor], dtype: torch.dtype) -> dict:
+    """The shard of `--mode store_mean`: the fp64 mean of the examples, stored as one example
+    (ragged rows are zero past each example's length)."""
+    index = torch.zeros(1, dtype=torch.long)
+    if isinstance(data, torch.Tensor):
+        return {"vectors": data.double().mean(0, keepdim=True).to(dtype), "index": index}
+    longest = max(rows.shape[0] for rows in data)
+    total = torch.zeros(longest, data[0].shape[1], dtype=torch.float64)
+    for rows in data:
+        total[: rows.shape[0]] += rows.double()
+    values = (total / len(data)).to(dtype)
+    return {"values": values, "offsets": torch.tensor([0, longest]), "index": index}
+
+
+def stored_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The norm of what a shard stores (its `vectors` or `values`), in fp64."""
+    return float(tensors.get("vectors", tensors.get("values")).double().norm())
+
+
 # --- Reading a run in bounded blocks (used by gradproj.influence) ---
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}

@@ -28,7 +28,7 @@ from gradproj.analysis import (
 )
 from gradproj.analysis.original import GradientPair
 from gradproj.errors import UserError
-from gradproj.projection import Projector
+from gradproj.projection import make_projection
 from gradproj.store import ShardRecord, merge_manifest, write_shard
 
 
@@ -370,7 +370,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
         test_ids,
         None,
     )
-    projected = Projector("rademacher", [16, 32], 42, shape).project_batch
+    projected = make_projection("rademacher", [16, 32], 42, shape).project_batch
     test_proj, train_proj = projected(test), projected(train)
     candidates = [
         write_score_dir(

@@ -8,12 +8,13 @@ import os
 import stat
 import subprocess
 import sys
+import signal
 import threading
 import time
 
 import pytest
 
-from gradproj import extract, influence, store
+from gradproj import influence, models, store
 from gradproj.cli import extract_main, score_main
 from gradproj.errors import run_cli
 from tests.conftest import REPO
@@ -149,7 +150,7 @@ def test_unwritable_output_directory_fails_before_the_model_loads(
 ):
     out = tmp_path / "g"
     ReadOnly(out, monkeypatch)
-    monkeypatch.setattr(extract.models, "load_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a: pytest.fail("model loaded"))
     code, err = cli(extract_main, extract_argv(tiny_llama, sft_file, out), capsys)
     run = full_run(out, tiny_llama, sft_file)
     assert code == 2 and "Traceback" not in err
@@ -299,7 +300,7 @@ sys.stdin.read()
 def test_a_shard_held_by_another_process_is_left_to_it_and_taken_when_it_dies(
     tiny_llama, sft_file, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(extract.signal, "signal", lambda *a: None)  # the run is in a thread
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the run is in a thread
     assert extract_main(extract_argv(tiny_llama, sft_file, tmp_path / "ref")) == 0
     reference = run_contents(full_run(tmp_path / "ref", tiny_llama, sft_file))
     out = tmp_path / "g"

@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
+from gradproj.targets import ParamsTarget, run_batch
 from torch.func import functional_call, grad, vmap
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradproj import data, store
 from gradproj.cli import extract_main as main
 from gradproj.gradients import capture_linear_layers, kronecker_linear_projections, linear_modules
-from gradproj.params import ParamsTarget
-from gradproj.projection import Projector
+from gradproj.projection import FULL, OutputSpec, make_projection
 from tests.conftest import conversations, user_error_line
 
 MAX_LEN = 40
@@ -86,7 +86,7 @@ def test_padded_positions_have_zero_output_gradient(setup):
 
 def test_kronecker_hooks_equal_factors_applied_to_exact_gradient(setup):
     model, pad_id, examples = setup
-    target = ParamsTarget(model, None, False, [("kronecker", "4x8")], seed=3, device="cpu")
+    target = ParamsTarget(model, None, False, [OutputSpec("kronecker", "4x8")], seed=3, device="cpu")
     names = [n for n, _ in target.modules]
     reference = func_per_sample_grads(model, examples, names, pad_id)
     got = kronecker_linear_projections(
@@ -98,13 +98,16 @@ def test_kronecker_hooks_equal_factors_applied_to_exact_gradient(setup):
         assert relative_error(got[name], want) < 1e-5, name
 
 
-@pytest.mark.parametrize("output", [("kronecker", "4x4"), "full"])
+@pytest.mark.parametrize("output", [OutputSpec("kronecker", "4x4"), FULL])
 def test_batch_size_invariance(setup, output):
     model, pad_id, examples = setup
     target = ParamsTarget(model, MLP, False, [output], seed=0, device="cpu")
-    key = target.key(output)
-    one = [target.batch(model, [ex], True, pad_id)[0].vectors[key] for ex in examples]
-    eight = [e.vectors[key] for e in target.batch(model, examples, True, pad_id)]
+
+    def payloads(batch):
+        return run_batch([target], model, batch, True, pad_id)[0]
+
+    one = [payloads([ex])[0].vectors[output] for ex in examples]
+    eight = [e.vectors[output] for e in payloads(examples)]
     for a, b in zip(one, eight, strict=True):
         assert relative_error(b, a) < 1e-5
 
@@ -117,10 +120,10 @@ def test_kronecker_inner_products_are_unbiased_across_seeds(setup):
     want = float(exact[0] @ exact[1])
     estimates = []
     for seed in range(400):
-        target = ParamsTarget(model, MLP, False, [("kronecker", "4x4")], seed, "cpu")
+        target = ParamsTarget(model, MLP, False, [OutputSpec("kronecker", "4x4")], seed, "cpu")
         # A^T G B from the exact gradients (the hooks compute the same, as tested above)
         projected = {n: target.factors[n][0].T @ reference[n] @ target.factors[n][1] for n in names}
-        a, b = target.kronecker_vectors(projected)["kronecker", 16].double()
+        a, b = target.kronecker_vectors(projected)[OutputSpec("kronecker", "4x4")].double()
         estimates.append(float(a @ b))
     estimates = torch.tensor(estimates, dtype=torch.float64)
     standard_error = float(estimates.std() / math.sqrt(len(estimates)))
@@ -130,14 +133,15 @@ def test_kronecker_inner_products_are_unbiased_across_seeds(setup):
 
 def test_dense_projection_is_the_projector_of_the_exact_gradient(setup):
     model, pad_id, examples = setup
-    target = ParamsTarget(model, MLP, False, [("rademacher", 64), ("sjlt", 32)], 5, "cpu")
+    specs = [OutputSpec("rademacher", 64), OutputSpec("sjlt", 32)]
+    target = ParamsTarget(model, MLP, False, specs, 5, "cpu")
     names = [n for n, _ in target.modules]
     exact = flat_reference(func_per_sample_grads(model, examples, names, pad_id), names)
-    got = target.batch(model, examples, True, pad_id)
-    for proj_type, k in (("rademacher", 64), ("sjlt", 32)):
-        projector = Projector(proj_type, [k], 5, (1, exact.shape[1]))
-        want = projector.project_batch([g[None] for g in exact])[k]
-        assert relative_error(torch.stack([e.vectors[proj_type, k] for e in got]), want) < 1e-5
+    (got,) = run_batch([target], model, examples, True, pad_id)
+    for spec in specs:
+        projection = make_projection(spec.proj_type, [spec.k], 5, (1, exact.shape[1]))
+        want = projection.project_batch([g[None] for g in exact])[spec.k]
+        assert relative_error(torch.stack([e.vectors[spec] for e in got]), want) < 1e-5
 
 
 def extract(model, dataset, out, *extra):

@@ -13,7 +13,15 @@ import torch
 
 from gradproj import projection as proj
 from gradproj.errors import UserError
-from gradproj.projection import Projector, parse_kronecker_dim, random_block
+from gradproj.projection import (
+    RademacherProjection,
+    generator,
+    kronecker,
+    make_projection,
+    parse_kronecker_dim,
+    random_block,
+    sjlt,
+)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 MC_SEEDS = 2000
@@ -117,7 +125,7 @@ def test_normal_entry_is_box_muller_of_its_hash_word():
 def test_cos_sin_of_turns_matches_fp64_over_every_quarter():
     turns = torch.arange(0, 1 << 24, 4099, dtype=torch.int32)
     turns = torch.cat([turns, torch.tensor([0, 1 << 21, 1 << 22, 3 << 21, (1 << 24) - 1])])
-    cos, sin = proj._cos_sin_of_turns(turns)
+    cos, sin = generator._cos_sin_of_turns(turns)
     theta = turns.double() * 2 * math.pi / 2**24
     assert (cos.double() - torch.cos(theta)).abs().max() < 2e-7
     assert (sin.double() - torch.sin(theta)).abs().max() < 2e-7
@@ -126,7 +134,7 @@ def test_cos_sin_of_turns_matches_fp64_over_every_quarter():
 @pytest.mark.parametrize("kind, fused", [("rademacher", "_signs"), ("normal", "_box_muller")])
 def test_random_block_is_generated_by_a_compiled_kernel(kind, fused):
     random_block(kind, 8, 0, 0, 4, 0, 64)
-    assert getattr(proj, fused).kernel is not getattr(proj, fused).function
+    assert getattr(generator, fused).kernel is not getattr(generator, fused).function
 
 
 @pytest.mark.parametrize("kind, fused", [("rademacher", "_signs"), ("normal", "_box_muller")])
@@ -136,10 +144,10 @@ def test_random_block_without_compiler_agrees_and_warns(kind, fused, monkeypatch
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(getattr(proj, fused), "kernel", broken)
+    monkeypatch.setattr(getattr(generator, fused), "kernel", broken)
     unfused = random_block(kind, 8, 0, 3, 64, 5, 200)
     assert "no C++ compiler" in capsys.readouterr().err
-    assert getattr(proj, fused).kernel is getattr(proj, fused).function
+    assert getattr(generator, fused).kernel is getattr(generator, fused).function
     # Signs are exact either way; normals agree to fp32 rounding of values up to ~5.6.
     assert (unfused - compiled).abs().max() <= (0 if kind == "rademacher" else 2e-6)
 
@@ -171,7 +179,7 @@ def test_streams_and_kinds_give_unrelated_matrices():
 def test_dense_projection_matches_fp64_brute_force(kind):
     shape, k = (5, 48), 200
     grads = _ragged_grads(shape, [5, 2, 0, 4])
-    out = Projector(kind, [k], 9, shape).project_batch(grads)[k]
+    out = make_projection(kind, [k], 9, shape).project_batch(grads)[k]
     assert _close_to_fp32_rounding(out, _fp64_projection(grads, kind, 9, shape, k), grads)
 
 
@@ -179,8 +187,8 @@ def test_dense_projection_matches_fp64_brute_force(kind):
 def test_dense_projection_is_the_same_for_any_block_shape(kind):
     shape, k = (7, 40), 300
     grads = _ragged_grads(shape, [7, 3, 6])
-    default = Projector(kind, [k], 1, shape).project_batch(grads)[k]
-    small = Projector(kind, [k], 1, shape)
+    default = make_projection(kind, [k], 1, shape).project_batch(grads)[k]
+    small = make_projection(kind, [k], 1, shape)
     small.block_rows, small.block_cols = 13, 64
     assert _close_to_fp32_rounding(small.project_batch(grads)[k], default, grads)
 
@@ -195,10 +203,10 @@ def test_bf16_sign_product_path_equals_fp32_product(monkeypatch):
 
     shape, k = (7, 40), 300
     grads = _ragged_grads(shape, [7, 3, 6])
-    fp32 = Projector("rademacher", [k], 1, shape).project_batch(grads)[k]
+    fp32 = make_projection("rademacher", [k], 1, shape).project_batch(grads)[k]
     monkeypatch.setattr(torch, "mm", mm_with_fp32_output)
-    monkeypatch.setattr(Projector, "_use_exact_bf16", lambda self: True)
-    split = Projector("rademacher", [k], 1, shape).project_batch(grads)[k]
+    monkeypatch.setattr(RademacherProjection, "_use_exact_bf16", lambda self: True)
+    split = make_projection("rademacher", [k], 1, shape).project_batch(grads)[k]
     assert _close_to_fp32_rounding(split, fp32, grads)
 
 
@@ -206,7 +214,7 @@ def test_bf16_sign_product_path_equals_fp32_product(monkeypatch):
 def test_projection_is_the_same_for_any_batch_size(proj_type):
     shape, k = (6, 32), 64
     grads = _ragged_grads(shape, [6, 1, 4])
-    projector = Projector(proj_type, [k], 4, shape)
+    projector = make_projection(proj_type, [k], 4, shape)
     together = projector.project_batch(grads)[k]
     alone = torch.cat([projector.project_batch([g])[k] for g in grads])
     assert _close_to_fp32_rounding(together, alone, grads)
@@ -216,7 +224,7 @@ def test_projection_is_the_same_for_any_batch_size(proj_type):
 def test_low_precision_inputs_project_as_their_fp32_values(proj_type):
     shape, k = (4, 32), 64
     grads = _ragged_grads(shape, [4, 2])
-    projector = Projector(proj_type, [k], 2, shape)
+    projector = make_projection(proj_type, [k], 2, shape)
     for dtype in (torch.bfloat16, torch.float16):
         low = [g.to(dtype) for g in grads]
         upcast = [g.float() for g in low]
@@ -227,8 +235,8 @@ def test_low_precision_inputs_project_as_their_fp32_values(proj_type):
 def test_prefix_of_wide_projection_is_narrow_projection_rescaled(kind):
     shape = (3, 50)
     grads = _ragged_grads(shape, [3, 2])
-    both = Projector(kind, [8, 100], 6, shape).project_batch(grads)
-    narrow = Projector(kind, [8], 6, shape).project_batch(grads)[8]
+    both = make_projection(kind, [8, 100], 6, shape).project_batch(grads)
+    narrow = make_projection(kind, [8], 6, shape).project_batch(grads)[8]
     assert torch.allclose(both[8], narrow, rtol=1e-6, atol=0)
     assert torch.allclose(both[100][:, :8] * math.sqrt(100 / 8), narrow, rtol=1e-5, atol=1e-6)
 
@@ -238,7 +246,7 @@ def test_zero_rows_left_out_give_the_same_result_as_computing_them(proj_type):
     shape, k = (9, 16), 64
     short = _ragged_grads(shape, [3, 5])
     padded = [torch.cat([g, torch.zeros(shape[0] - g.shape[0], shape[1])]) for g in short]
-    projector = Projector(proj_type, [k], 8, shape)
+    projector = make_projection(proj_type, [k], 8, shape)
     projector.block_rows = 16
     assert _close_to_fp32_rounding(
         projector.project_batch(short)[k], projector.project_batch(padded)[k], short
@@ -251,7 +259,7 @@ def test_zero_rows_left_out_give_the_same_result_as_computing_them(proj_type):
 def _explicit_sjlt(shape, k, seed, s):
     """fp64 [D, k] matrix of the sparse JL transform, entry by entry from its hash."""
     d = shape[0] * shape[1]
-    buckets, negative = proj.sjlt_hash(proj.stream_key("sjlt", seed, 0), 0, d, s, k, "cpu")
+    buckets, negative = sjlt.sjlt_hash(proj.stream_key("sjlt", seed, 0), 0, d, s, k, "cpu")
     matrix = np.zeros((d, k))
     for i in range(d):
         for copy in range(s):
@@ -263,7 +271,7 @@ def _explicit_sjlt(shape, k, seed, s):
 def test_sjlt_matches_explicit_sparse_matrix(s):
     shape, k = (4, 10), 16
     grads = _ragged_grads(shape, [4, 1])
-    out = Projector("sjlt", [k], 3, shape, sjlt_s=s).project_batch(grads)[k]
+    out = make_projection("sjlt", [k], 3, shape, s=s).project_batch(grads)[k]
     matrix = _explicit_sjlt(shape, k, 3, s)
     expected = [np.pad(g.double().reshape(-1).numpy(), (0, 40 - g.numel())) @ matrix for g in grads]
     # Each coordinate already has unit squared norm (s entries of 1/sqrt(s)): no 1/sqrt(k).
@@ -273,8 +281,8 @@ def test_sjlt_matches_explicit_sparse_matrix(s):
 def test_sjlt_is_the_same_for_any_block_size():
     shape, k = (8, 32), 50
     grads = _ragged_grads(shape, [8, 5, 2])
-    default = Projector("sjlt", [k], 5, shape, sjlt_s=2).project_batch(grads)[k]
-    small = Projector("sjlt", [k], 5, shape, sjlt_s=2)
+    default = make_projection("sjlt", [k], 5, shape, s=2).project_batch(grads)[k]
+    small = make_projection("sjlt", [k], 5, shape, s=2)
     small.sjlt_block_rows = 7
     # Every output is summed in coordinate order, whatever the blocks: the same bytes.
     assert torch.equal(small.project_batch(grads)[k], default)
@@ -287,7 +295,7 @@ def test_sorted_segment_sums_equal_sequential_scatter_add():
     expected = torch.zeros(3, 12, dtype=torch.float64).scatter_add_(
         1, bins.expand(3, -1), values.double()
     )
-    sums = proj.sorted_segment_sums(bins, values, 12)
+    sums = sjlt.sorted_segment_sums(bins, values, 12)
     assert sums.shape == (3, 12)
     assert torch.allclose(sums.double(), expected, rtol=0, atol=1e-5)
 
@@ -295,9 +303,9 @@ def test_sorted_segment_sums_equal_sequential_scatter_add():
 def test_kronecker_matches_explicit_kronecker_product_matrix():
     shape, spec = (5, 6), "2x3"
     grads = _ragged_grads(shape, [5, 3])
-    out = Projector("kronecker", [spec], 12, shape).project_batch(grads)[6]
-    left = proj.kronecker_factor("kron_left", 12, 5, 2, "cpu").double().numpy()
-    right = proj.kronecker_factor("kron_right", 12, 6, 3, "cpu").double().numpy()
+    out = make_projection("kronecker", [spec], 12, shape).project_batch(grads)[6]
+    left = kronecker.kronecker_factor("kron_left", 12, 5, 2, "cpu").double().numpy()
+    right = kronecker.kronecker_factor("kron_right", 12, 6, 3, "cpu").double().numpy()
     matrix = np.kron(left, right)  # row-major vec(A^T G B) = kron(A, B)^T vec(G)
     expected = [np.pad(g.double().reshape(-1).numpy(), (0, 30 - g.numel())) @ matrix for g in grads]
     assert _close_to_fp32_rounding(out, torch.tensor(np.stack(expected)) / math.sqrt(6), grads)
@@ -313,7 +321,7 @@ def test_parse_kronecker_dim_picks_most_balanced_factorization():
 
 
 def test_kronecker_factorization_respects_the_shape():
-    projector = Projector("kronecker", [64], 0, (4, 100))
+    projector = make_projection("kronecker", [64], 0, (4, 100))
     assert projector.factors[64] == (4, 16)
 
 
@@ -329,11 +337,11 @@ def test_kronecker_factorization_respects_the_shape():
 )
 def test_bad_arguments_raise_user_error(proj_type, dims, shape):
     with pytest.raises(UserError):
-        Projector(proj_type, dims, 0, shape)
+        make_projection(proj_type, dims, 0, shape)
 
 
 def test_output_larger_than_budget_raises_user_error():
-    projector = Projector("rademacher", [1 << 20], 0, (2, 2), memory_gb=0.001)
+    projector = make_projection("rademacher", [1 << 20], 0, (2, 2), memory_gb=0.001)
     with pytest.raises(UserError):
         projector.project_batch([torch.ones(2, 2)])
 
@@ -353,7 +361,7 @@ def _mc_estimates(proj_type: str, s: int = 1) -> np.ndarray:
     a, b = _mc_pair()
     rows = []
     for seed in range(MC_SEEDS):
-        out = Projector(proj_type, [MC_K], seed, MC_SHAPE, sjlt_s=s).project_batch([a, b])[MC_K]
+        out = make_projection(proj_type, [MC_K], seed, MC_SHAPE, s=s).project_batch([a, b])[MC_K]
         pa, pb = out.double()
         rows.append([float(pa @ pb), float(pa @ pa), float(pb @ pb)])
     return np.array(rows)
@@ -372,7 +380,7 @@ def _theoretical_variance(proj_type: str, s: int = 1) -> float:
         return (norms + dot**2) / MC_K
     if proj_type in ("rademacher", "sjlt"):
         return (norms + dot**2 - 2 / s * diagonal) / MC_K
-    k1, k2 = proj._fitting_factors(MC_K, *MC_SHAPE)
+    k1, k2 = kronecker._fitting_factors(MC_K, *MC_SHAPE)
     n = y.T @ x
     outer = float(((x @ y.T) ** 2).sum())
     n_frob, n_trace2 = float((n * n).sum()), float(torch.trace(n @ n))
@@ -415,7 +423,9 @@ def test_kronecker_variance_exceeds_dense_on_rank_one_gradients():
     dense, kron = [], []
     for seed in seeds:
         for name, store in (("rademacher", dense), ("kronecker", kron)):
-            pa, pb = Projector(name, [MC_K], seed, MC_SHAPE).project_batch(grads)[MC_K].double()
+            pa, pb = (
+                make_projection(name, [MC_K], seed, MC_SHAPE).project_batch(grads)[MC_K].double()
+            )
             store.append(float(pa @ pb))
     ratio = np.var(kron) / np.var(dense)
     interval = scipy.stats.f.ppf([0.001, 0.999], len(kron) - 1, len(dense) - 1)
@@ -431,7 +441,7 @@ def test_relative_error_shrinks_like_inverse_square_root_of_k(proj_type):
     pairs = [(i, j) for i in range(len(grads)) for j in range(i + 1, len(grads))]
     errors = {k: [] for k in dims}
     for seed in range(4):
-        out = Projector(proj_type, dims, seed, shape).project_batch(grads)
+        out = make_projection(proj_type, dims, seed, shape).project_batch(grads)
         for k in dims:
             for i, j in pairs:
                 true = float(flat[i][: flat[j].numel()] @ flat[j][: flat[i].numel()])
@@ -448,7 +458,7 @@ MEMORY_BUDGET_GB = 1 / 16
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import threading, time, torch
-    from gradproj.projection import Projector
+    from gradproj.projection import make_projection
     # Anonymous memory only: pages of shared libraries (BLAS code paths) are not allocations.
     def anon_gib():
         with open("/proc/self/status") as f:
@@ -461,9 +471,9 @@ MEMORY_SCRIPT = textwrap.dedent(
             time.sleep(0.0005)
     grad = torch.randn(1, 256)  # one non-zero row of a [65536, 256] gradient: D = 2**24
     # 256 rows x 2**17 columns of the matrix alone would be 128 MiB, twice the budget.
-    projector = Projector("rademacher", [2**17], 0, (65536, 256), memory_gb=BUDGET)
+    projector = make_projection("rademacher", [2**17], 0, (65536, 256), memory_gb=BUDGET)
     # Warm up thread pools and BLAS buffers on one block of the same shape.
-    Projector("rademacher", [4096], 0, (65536, 256)).project_batch([grad])
+    make_projection("rademacher", [4096], 0, (65536, 256)).project_batch([grad])
     before = anon_gib()
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -500,8 +510,8 @@ def test_random_block_on_cuda_matches_cpu(kind):
 def test_projection_on_cuda_matches_cpu(proj_type):
     shape, k = (64, 96), 1024
     grads = _ragged_grads(shape, [64, 10, 33])
-    cpu = Projector(proj_type, [k], 2, shape).project_batch(grads)[k]
-    cuda = Projector(proj_type, [k], 2, shape, device="cuda").project_batch(
+    cpu = make_projection(proj_type, [k], 2, shape).project_batch(grads)[k]
+    cuda = make_projection(proj_type, [k], 2, shape, device="cuda").project_batch(
         [g.cuda() for g in grads]
     )[k]
     assert _close_to_fp32_rounding(cuda, cpu, grads)

@@ -268,12 +268,12 @@ def compare_with_theory(
 
 
 def make_projection_fn(projection: dict, dims: list[int], shape: tuple[int, int], device: str):
-    """project(list of [len, hidden]) -> {k: [B, k]} using gradproj.projection.Projector."""
-    try:
-        from gradproj.projection import Projector
-    except ImportError as err:
-        raise UserError(f"--emulate_original needs gradproj.projection ({err})") from err
-    projector = Projector(projection["type"], dims, int(projection["seed"]), shape, device)
+    """project(list of [len, hidden]) -> {k: [B, k]} by the run's own projection type."""
+    from gradproj.projection import make_projection
+
+    projector = make_projection(
+        projection["type"], dims, int(projection["seed"]), shape, device=device
+    )
 
     # One call for all examples: the projector bounds its own memory, and each random block it
     # generates then serves every example.

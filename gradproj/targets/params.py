@@ -23,19 +23,19 @@ from dataclasses import dataclass
 import torch
 
 from gradproj.errors import UserError
-from gradproj.gradients import (
-    capture_linear_layers,
-    kronecker_linear_projections,
-    linear_modules,
-    projected_outer_sum,
-)
+from gradproj.gradients import kronecker_projected, linear_layers_captured, linear_modules
 from gradproj.projection import (
+    FULL,
     GENERATOR,
-    Projector,
-    _default_memory_gb,
+    KroneckerProjection,
+    OutputSpec,
+    default_memory_gb,
+    make_projection,
     parse_kronecker_dim,
-    random_block,
+    projected_outer_sum,
+    stream_key,
 )
+from gradproj.targets.base import Target
 
 KRONECKER = "kronecker"
 BYTES_FP32 = 4
@@ -51,13 +51,14 @@ def module_stream(name: str, side: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def kronecker_factors(
-    seed: int, name: str, d_out: int, d_in: int, k_out: int, k_in: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [d_out, k_out], B [d_in, k_in]) fp32 N(0, 1); first columns of wider ones."""
-    left = random_block("normal", seed, module_stream(name, "left"), 0, d_out, 0, k_out, device)
-    right = random_block("normal", seed, module_stream(name, "right"), 0, d_in, 0, k_in, device)
-    return left, right
+def layer_projection(seed: int, layer: Layer, dims: list[str], device) -> KroneckerProjection:
+    """The kronecker projection of one layer's [d_out, d_in] weight gradient: its own streams
+    (`random_block("normal", seed, stream, ...)`), factors as wide as asked, whatever the layer."""
+    keys = tuple(
+        stream_key("normal", seed, module_stream(layer.name, s)) for s in ("left", "right")
+    )
+    shape = (layer.d_out, layer.d_in)
+    return KroneckerProjection(dims, seed, shape, device=device, keys=keys, require_fit=False)
 
 
 @dataclass
@@ -80,21 +81,24 @@ class Layer:
         return self.d_out * self.d_in
 
 
-class ParamsTarget:
-    """What one extraction pass computes for --target params, and how the manifest says so."""
+class ParamsTarget(Target):
+    """--target params: what one extraction pass computes, and how the manifest says so."""
+
+    name = "params"
 
     def __init__(
         self,
         model,
         patterns,
         include_lm_head: bool,
-        outputs: list,
+        specs: list[OutputSpec],
         seed: int,
         device,
         memory_gb: float | None = None,
         batch_tokens: int = 8192,
         shard_examples: int = 1000,
     ):
+        super().__init__(specs)
         self.modules = linear_modules(model, patterns, include_lm_head)
         self.layers, offset = [], 0
         for name, module in self.modules:
@@ -103,40 +107,31 @@ class ParamsTarget:
             offset += d_out * d_in
         self.dim = offset
         self.seed, self.device = int(seed), torch.device(device)
-        self.memory_gb = memory_gb if memory_gb is not None else _default_memory_gb(self.device)
-        self.want_full = "full" in outputs
-        self.kronecker = {
-            out[1]: parse_kronecker_dim(out[1])
-            for out in outputs
-            if out != "full" and out[0] == KRONECKER
-        }
+        self.memory_gb = memory_gb if memory_gb is not None else default_memory_gb(self.device)
+        self.want_full = FULL in specs
+        self.kronecker = [s for s in specs if s.proj_type == KRONECKER]
         dense = {}
-        for out in outputs:
-            if out != "full" and out[0] != KRONECKER:
-                dense.setdefault(out[0], []).append(out[1])
-        self.projectors = {
-            proj_type: Projector(proj_type, dims, seed, (1, self.dim), device, self.memory_gb)
+        for spec in specs:
+            if not spec.is_full and spec.proj_type != KRONECKER:
+                dense.setdefault(spec.proj_type, []).append(spec.dim)
+        self.projections = {
+            proj_type: make_projection(
+                proj_type, dims, seed, (1, self.dim), device=device, memory_gb=self.memory_gb
+            )
             for proj_type, dims in dense.items()
         }
-        self.factors = self._factors()
-        self._chunk = self._check_memory(batch_tokens, shard_examples)
-
-    def _factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if not self.kronecker:
-            return {}
-        k_out = max(k for k, _ in self.kronecker.values())
-        k_in = max(k for _, k in self.kronecker.values())
-        return {
-            layer.name: kronecker_factors(
-                self.seed, layer.name, layer.d_out, layer.d_in, k_out, k_in, self.device
-            )
+        dims = [s.dim for s in self.kronecker]
+        self.layer_projections = {
+            layer.name: layer_projection(self.seed, layer, dims, self.device)
             for layer in self.layers
-        }
+        } if dims else {}  # fmt: skip
+        self.factors = {n: p.widest_factors() for n, p in self.layer_projections.items()}
+        self._chunk = self._check_memory(batch_tokens, shard_examples)
 
     @property
     def exact(self) -> bool:
         """Whether the exact per-example gradient is formed (full or dense outputs)."""
-        return self.want_full or bool(self.projectors)
+        return self.want_full or bool(self.projections)
 
     def _check_memory(self, batch_tokens: int, shard_examples: int) -> int:
         """Examples whose exact gradients are formed at once; refuses, with the numbers, a
@@ -165,34 +160,25 @@ class ParamsTarget:
             )
         return max(1, int((budget / 2 - activations) // example))
 
-    def key(self, output):
-        """The key of an output's vectors: "full" or (proj_type, length of one module's k)."""
-        if output == "full":
-            return "full"
-        proj_type, dim = output
-        if proj_type == KRONECKER:
-            k_out, k_in = parse_kronecker_dim(dim)
-            return (proj_type, k_out * k_in)
-        return (proj_type, int(dim))
-
-    def width(self, output) -> int:
+    def width(self, spec: OutputSpec) -> int:
         """Length of one example's vector for this output."""
-        key = self.key(output)
-        if key == "full":
+        if spec.is_full:
             return self.dim
-        return key[1] * len(self.layers) if key[0] == KRONECKER else key[1]
+        return spec.k * len(self.layers) if spec.proj_type == KRONECKER else spec.k
 
-    def batch(self, model, batch, causal: bool, pad_id: int) -> list[ParamsExample]:
+    def capture(self):
+        if self.exact:
+            return linear_layers_captured(self.modules)
+        return kronecker_projected(self.modules, self.factors)
+
+    def collect(self, batch, captured, embedding_grads, hidden) -> list[ParamsExample]:
         """Every requested output of each example of one batch."""
         if self.exact:
-            return self._exact_batch(model, batch, causal, pad_id)
-        projected = kronecker_linear_projections(
-            model, batch, causal, pad_id, self.modules, self.factors
-        )
-        vectors = self.kronecker_vectors(projected)
+            return self._exact_batch(captured, len(batch))
+        vectors = self.kronecker_vectors(self._with_zero_layers(captured, len(batch)))
         # Without the exact gradient, the recorded norm is that of the widest projection
         # (an unbiased estimate of the squared norm; the manifest says "grad_norm": "projected").
-        widest = max(vectors, key=lambda k: k[1])
+        widest = max(vectors, key=lambda spec: spec.k)
         return [
             ParamsExample(
                 float(vectors[widest][i].double().norm()), {k: v[i] for k, v in vectors.items()}
@@ -200,26 +186,33 @@ class ParamsTarget:
             for i in range(len(batch))
         ]
 
+    def _with_zero_layers(self, projected: dict, n: int) -> dict[str, torch.Tensor]:
+        """A layer without output gradient (it does not influence the loss) contributes zero."""
+        for name, (a, b) in self.factors.items():
+            if name not in projected:
+                projected[name] = a.new_zeros(n, a.shape[1], b.shape[1])
+        return projected
+
     def kronecker_vectors(self, projected: dict[str, torch.Tensor]) -> dict:
-        """{("kronecker", k): fp32 CPU [B, n_layers * k]}, each layer's block scaled 1/sqrt(k)."""
+        """{spec: fp32 CPU [B, n_layers * k]}, each layer's block scaled 1/sqrt(k)."""
         vectors = {}
-        for k_out, k_in in self.kronecker.values():
+        for spec in self.kronecker:
+            k_out, k_in = parse_kronecker_dim(spec.dim)
             blocks = [projected[la.name][:, :k_out, :k_in].flatten(1) for la in self.layers]
-            vectors[KRONECKER, k_out * k_in] = (
-                torch.cat(blocks, 1) / math.sqrt(k_out * k_in)
-            ).cpu()
+            vectors[spec] = (torch.cat(blocks, 1) / math.sqrt(k_out * k_in)).cpu()
         return vectors
 
-    def _exact_batch(self, model, batch, causal, pad_id) -> list[ParamsExample]:
-        captured = capture_linear_layers(model, batch, causal, pad_id, self.modules)
+    def _exact_batch(self, captured, n: int) -> list[ParamsExample]:
         results = []
-        for start in range(0, len(batch), self._chunk):
-            rows = slice(start, min(start + self._chunk, len(batch)))
+        for start in range(0, n, self._chunk):
+            rows = slice(start, min(start + self._chunk, n))
             grads = captured.weight_gradients(rows)
-            vectors = {"full": grads.cpu()} if self.want_full else {}
-            for proj_type, projector in self.projectors.items():
-                for k, matrix in projector.project_batch([g[None] for g in grads]).items():
-                    vectors[proj_type, k] = matrix
+            vectors = {FULL: grads.cpu()} if self.want_full else {}
+            for proj_type, projection in self.projections.items():
+                by_k = projection.project_batch([g[None] for g in grads])
+                for spec in self.specs:
+                    if spec.proj_type == proj_type:
+                        vectors[spec] = by_k[spec.k]
             if self.kronecker:
                 vectors |= self.kronecker_vectors(self._projected_from(captured, rows))
             norms = grads.double().norm(dim=1).tolist()
@@ -241,18 +234,19 @@ class ParamsTarget:
                 projected[layer.name] = projected_outer_sum(delta[rows], x, left, right)
         return projected
 
-    def stack(self, examples: list[ParamsExample], outputs) -> dict:
-        """{key: fp32 [n, width]} for every output, also when no example is left."""
-        stacked = {}
-        for output in outputs:
-            key = self.key(output)
-            if examples:
-                stacked[key] = torch.stack([e.vectors[key] for e in examples])
-            else:
-                stacked[key] = torch.zeros(0, self.width(output))
-        return stacked
+    def norm(self, payload: ParamsExample) -> float:
+        return payload.norm
 
-    def header_for(self, output) -> dict:
+    def shard_vectors(self, payloads: list[ParamsExample]) -> dict:
+        """{spec: fp32 [n, width]} for every output, also when no example is left."""
+        return {
+            spec: torch.stack([p.vectors[spec] for p in payloads])
+            if payloads
+            else torch.zeros(0, self.width(spec))
+            for spec in self.specs
+        }
+
+    def header(self, spec: OutputSpec) -> dict:
         """Manifest fields of one output: kind, projection, layers and their slices."""
         layers = [
             {"name": la.name, "d_out": la.d_out, "d_in": la.d_in,
@@ -263,17 +257,16 @@ class ParamsTarget:
             "params_dim": self.dim,
             "grad_norm": "exact" if self.exact else "projected",
         }
-        if output == "full":
+        if spec.is_full:
             for entry in layers:
                 entry["slice"] = entry["grad_slice"]
             return common | {"kind": "params_full", "projection": None, "modules": layers}
-        proj_type, dim = output
-        if proj_type != KRONECKER:
-            projection = self.projectors[proj_type].describe() | {"dim": dim}
+        if spec.proj_type != KRONECKER:
+            projection = self.projections[spec.proj_type].describe() | {"dim": spec.dim}
             return common | {"kind": "projected", "projection": projection, "modules": layers}
         return common | {
             "kind": "projected",
-            "projection": self._kronecker_description(dim, layers),
+            "projection": self._kronecker_description(spec.dim, layers),
             "modules": layers,
         }
 

@@ -1,0 +1,376 @@
+"""The extraction loop: dataset -> one pass per batch for every target -> shards, manifests.
+
+One pass computes each example's gradient once and writes every requested output (the full
+gradient and/or several projection dims, of one target or several), each into its own run
+directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from gradproj import __version__, data, models, store
+from gradproj.errors import UserError
+from gradproj.extract.config import SAVE_DTYPES, ExtractConfig
+from gradproj.extract.layout import check_existing, is_complete, run_dirs, shard_is_valid
+from gradproj.extract.slurm import Preemption, Stopped, array_share, task_range
+from gradproj.targets import Target, TargetOptions, make_target, run_batch
+
+
+def run_extraction(cfg: ExtractConfig) -> int:
+    dirs = run_dirs(cfg)
+    if cfg.skip_if_gradient_folder_exists and all(d.exists() for d in dirs.values()):
+        print(f"gradient folder exists, skipping: {', '.join(map(str, dirs.values()))}")
+        return 0
+    check_existing(cfg, dirs)
+    rows, first_row = data.load_rows(cfg.dataset, cfg.dataset_split)
+    data.check_columns(rows, cfg.paradigm)
+    if cfg.limit is not None:
+        rows = rows.select(range(min(cfg.limit, len(rows))))
+    start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
+    if all(is_complete(d, len(rows)) for d in dirs.values()):  # may be read-only: write nothing
+        print(f"complete already, nothing to do: {', '.join(map(str, dirs.values()))}")
+        return 0
+    check_rows(cfg, rows, first_row)
+    for path in dirs.values():
+        store.check_writable(path)
+    if cfg.mode == "store_mean":
+        if cfg.start is not None or cfg.end is not None:
+            raise UserError("--mode store_mean averages the whole dataset: drop --start/--end")
+        if (array_share() or (0,))[0] != 0:
+            print("--mode store_mean averages the whole dataset: array task 0 computes it")
+            return 0
+    elif start == end and len(rows) > 0:  # e.g. an array with more tasks than shards
+        print(f"examples {start}..{end}: no shard left for this task ({len(rows)} examples)")
+        return 0
+    checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
+    tokenizer = models.load_tokenizer(checkpoint)
+    model = models.load_model(
+        checkpoint, cfg.paradigm, models.resolve_dtype(cfg.dtype, cfg.device), cfg.device
+    )
+    options = TargetOptions(
+        cfg.proj_seed, cfg.device, cfg.proj_memory_gb, cfg.max_seq_length, cfg.batch_tokens,
+        cfg.gradients_per_file, cfg.modules, cfg.include_lm_head,
+    )  # fmt: skip
+    targets = {
+        name: make_target(name, model, specs, options) for name, specs in cfg.outputs.items()
+    }
+    header = run_header(cfg, checkpoint, model, len(rows))
+    extractor = Extractor(cfg, rows, first_row, tokenizer, model, targets, dirs, header)
+    if cfg.mode == "store_mean":
+        return extractor.run_mean()
+    return extractor.run(start, end)
+
+
+def check_rows(cfg: ExtractConfig, rows, first_row: int) -> None:
+    """Every chosen row must suit the paradigm, or with --skip_invalid_rows is named and skipped."""
+    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
+    if not invalid:
+        return
+    where = f"{cfg.dataset} {cfg.dataset_split}"
+    if not cfg.skip_invalid_rows:
+        outcome = "fix them, or pass --skip_invalid_rows to record them as skipped and go on"
+        raise UserError(data.describe_invalid(invalid, where, outcome))
+    outcome = "skipped (--skip_invalid_rows), each recorded in the manifest with its reason"
+    print("warning: " + data.describe_invalid(invalid, where, outcome), file=sys.stderr)
+
+
+def run_header(cfg: ExtractConfig, checkpoint, model, n_rows: int) -> dict:
+    """The manifest fields every run of this pass shares ("target" and "identity" per target)."""
+    return {
+        "target": None,
+        "model": cfg.model,
+        "checkpoint": checkpoint.name,
+        "checkpoint_nr": cfg.checkpoint_nr,
+        "dataset": cfg.dataset,
+        "split": cfg.dataset_split,
+        "paradigm": cfg.paradigm,
+        "mode": cfg.mode,
+        "hidden_size": model.get_input_embeddings().weight.shape[1],
+        "max_seq_length": cfg.max_seq_length,
+        "shard_size": n_rows if cfg.mode == "store_mean" else cfg.gradients_per_file,
+        "identity": None,
+        "options": asdict(cfg),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict:
+    import datasets
+    import safetensors
+    import transformers
+
+    return {
+        "gradproj": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+class Extractor:
+    """Runs the batches of one task range, shard by shard, for every target at once."""
+
+    def __init__(self, cfg, rows, first_row, tokenizer, model, targets, dirs, header):
+        self.cfg, self.rows, self.tokenizer, self.model = cfg, rows, tokenizer, model
+        self.first_row = first_row  # split row of rows[0]: examples are named by split rows
+        self.targets: dict[str, Target] = targets
+        self.dirs = dirs
+        self.header = header
+        self.causal = cfg.paradigm != "mlm"
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.preemption = Preemption()
+        self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
+
+    def header_for(self, target: str, spec) -> dict:
+        common = {"target": target, "identity": self.cfg.identity(target)}
+        return self.header | common | self.targets[target].header(spec)
+
+    def tokenize(self, start: int, end: int) -> tuple[list[data.Example], list[dict]]:
+        """Rows start..end-1 of the chosen rows as examples; those without a label are skipped."""
+        kept, skipped = [], []
+        for i in range(start, end):
+            index, row = self.first_row + i, self.rows[i]
+            ex, problem = self.tokenize_row(row, index)
+            if ex is None:
+                eid = data.example_id(row, index)
+                skipped.append({"index": index, "id": eid, "tokens": 0, "reason": problem})
+            elif data.label_positions(ex, self.cfg.paradigm) == 0:
+                reason = f"no label token within max_seq_length={self.cfg.max_seq_length}"
+                skipped.append({"index": index, "id": ex.id, "tokens": ex.length, "reason": reason})
+            else:
+                kept.append(ex)
+        return kept, skipped
+
+    def tokenize_row(self, row: dict, index: int) -> tuple[data.Example | None, str | None]:
+        """The row's example, or (None, why) for a row --skip_invalid_rows lets through."""
+        problem = data.row_problem(row, self.cfg.paradigm)
+        if problem is None:
+            try:
+                return data.tokenize(
+                    self.tokenizer, row, index, self.cfg.paradigm, self.cfg.max_seq_length,
+                    str(self.cfg.checkpoint_nr),
+                ), None  # fmt: skip
+            except Exception as err:  # text that the tokenizer or chat template cannot take
+                problem = f"the tokenizer cannot take it ({type(err).__name__}: {err})"
+        if not self.cfg.skip_invalid_rows:
+            eid = data.example_id(row, index)
+            raise UserError(f"row {index} (id {eid!r}): {problem}; fix it or --skip_invalid_rows")
+        return None, f"invalid row: {problem}"
+
+    def payloads(self, examples, progress) -> dict[str, list]:
+        """{target: [(example, payload)]} in dataset order within a shard."""
+        names = list(self.targets)
+        results = {name: {} for name in names}
+        for batch in data.batches_by_tokens(examples, self.cfg.batch_tokens):
+            if self.preemption.requested:
+                raise Stopped
+            per_target = run_batch(
+                list(self.targets.values()), self.model, batch, self.causal, self.pad_id
+            )
+            for name, payloads in zip(names, per_target, strict=True):
+                for ex, payload in zip(batch, payloads, strict=True):
+                    results[name][ex.index] = (ex, payload)
+            progress.update(len(batch))
+        return {name: [found[i] for i in sorted(found)] for name, found in results.items()}
+
+    def run(self, start: int, end: int) -> int:
+        began = time.time()
+        for path in self.dirs.values():
+            store.remove_leftovers(path)
+        ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
+        # Each manifest is read once here, not once per shard: it lists every example.
+        recorded = {d: store.recorded_checksums(d) for d in self.dirs.values()}
+        todo = [r for r in ranges if not all(shard_is_valid(d, *r, recorded[d]) for d in recorded)]
+        progress = tqdm(total=sum(e - s for s, e in todo), unit="ex", desc="gradients")
+        logger = WandbLogger.maybe(self.cfg)
+        try:
+            # shards another process holds are left for later: by then done, or free to take
+            held = []
+            for s, e in todo:
+                if not self.write_claimed(s, e, progress, wait=False):
+                    held.append((s, e))
+                logger.log(self.stats, began)
+            for s, e in held:
+                self.write_claimed(s, e, progress, wait=True)
+                logger.log(self.stats, began)
+        except BaseException as err:
+            progress.close()  # an error message must not share the progress bar's line
+            if not isinstance(err, Stopped):
+                raise
+            self.merge_all({})
+            sig = self.preemption.signal
+            done = len(ranges) - len(todo) + self.stats["shards_written"]
+            print(
+                f"stopped by {signal.Signals(sig).name} (preemption, time limit or scancel): "
+                f"{done} of {len(ranges)} shard(s) of examples {start}..{end} done, "
+                f"{self.stats['shards_written']} of them in this run; the shard in progress was "
+                "abandoned (no partial file is left) and the manifest written. To resume, rerun "
+                "the same command or resubmit the same sbatch job (a job requeued by SLURM "
+                "resumes by itself): finished shards are kept.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 128 + sig
+        progress.close()
+        if not todo:
+            self.merge_all({})
+        self.print_summary(began, start, end, len(ranges) - len(todo))
+        return 0
+
+    def write_claimed(self, start: int, end: int, progress, wait: bool) -> bool:
+        """Write a shard unless another process holds it (False) or has written it meanwhile."""
+        dirs = list(self.dirs.values())
+        with store.claim_shard(dirs, start, end, wait) as claimed:
+            if not claimed:
+                return False
+            if all(shard_is_valid(d, start, end, {}) for d in dirs):
+                progress.update(end - start)
+            else:
+                self.write_shard(start, end, progress)
+        return True
+
+    def write_shard(self, start: int, end: int, progress) -> None:
+        kept, skipped = self.tokenize(start, end)
+        progress.update(len(skipped))
+        fresh = {}
+        for name, pairs in self.payloads(kept, progress).items():
+            target = self.targets[name]
+            record, vectors = self.describe(target, pairs, skipped, first=not fresh)
+            index = [e["index"] for e in record.examples]
+            for spec in target.specs:
+                tensors = store.shard_tensors(
+                    vectors[spec], index, self.dtype(spec), target.width(spec)
+                )
+                entry = store.write_shard(self.dirs[name, spec], start, end, tensors, record)
+                fresh[name, spec] = {entry["file"]: entry}
+        self.merge_all(fresh)
+        self.stats["shards_written"] += 1
+
+    def dtype(self, spec) -> torch.dtype:
+        """Projections are stored in fp32; exact vectors in the chosen --save_dtype."""
+        return SAVE_DTYPES[self.cfg.save_dtype] if spec.is_full else torch.float32
+
+    def describe(self, target: Target, pairs, skipped, first: bool) -> tuple:
+        """The shard record of one target (examples with a zero norm are skipped) and the
+        vectors of its kept examples. Statistics and warnings come from the first target."""
+        record, kept, zero = store.ShardRecord(), [], []
+        for ex, payload in pairs:
+            norm = target.norm(payload)
+            if norm == 0.0:
+                zero.append(
+                    {"index": ex.index, "id": ex.id, "tokens": ex.length, "reason": "zero gradient"}
+                )
+                continue
+            kept.append(payload)
+            record.examples.append(
+                {
+                    "index": ex.index,
+                    "id": ex.id,
+                    "tokens": ex.length,
+                    "label_tokens": data.label_positions(ex, self.cfg.paradigm),
+                    "grad_norm": norm,
+                }
+            )
+        record.skipped = sorted(skipped + zero, key=lambda s: s["index"])
+        if first:
+            self.stats["examples"] += len(kept)
+            self.stats["skipped"] += len(record.skipped)
+            self.stats["tokens"] += sum(ex.length for ex, _ in pairs)
+        for s in record.skipped if first else zero:
+            tqdm.write(f"warning: skipped example {s['id']!r}: {s['reason']}", file=sys.stderr)
+        return record, target.shard_vectors(kept)
+
+    def merge_all(self, fresh: dict) -> None:
+        n = len(self.rows)
+        for (name, spec), path in self.dirs.items():
+            store.merge_manifest(
+                path,
+                self.header_for(name, spec),
+                n,
+                self.header["shard_size"],
+                fresh.get((name, spec), {}),
+            )
+
+    def run_mean(self) -> int:
+        """store_mean: one vector per output, the mean over every example with a gradient."""
+        began = time.time()
+        n = len(self.rows)
+        for path in self.dirs.values():
+            store.remove_leftovers(path)
+        progress = tqdm(total=n, unit="ex", desc="gradients")
+        kept, skipped = self.tokenize(0, n)
+        progress.update(len(skipped))
+        fresh = {}
+        payloads = self.payloads(kept, progress)
+        progress.close()
+        for name, pairs in payloads.items():
+            target = self.targets[name]
+            record, vectors = self.describe(target, pairs, skipped, first=not fresh)
+            mean_record = store.ShardRecord(
+                [{"index": 0, "id": "mean", "tokens": 0, "label_tokens": 0, "grad_norm": 0.0,
+                  "count": len(record.examples)}],
+                record.skipped,
+            )  # fmt: skip
+            for spec in target.specs:
+                tensors = store.mean_tensors(vectors[spec], self.dtype(spec))
+                mean_record.examples[0]["grad_norm"] = store.stored_norm(tensors)
+                entry = store.write_shard(self.dirs[name, spec], 0, n, tensors, mean_record)
+                fresh[name, spec] = {entry["file"]: entry}
+        self.merge_all(fresh)
+        self.print_summary(began, 0, n, 0)
+        return 0
+
+    def print_summary(self, began, start, end, resumed) -> None:
+        seconds = time.time() - began
+        s = self.stats
+        rate = s["examples"] / seconds if seconds > 0 else 0.0
+        print(
+            f"done: examples {start}..{end}: {s['examples']} gradients, {s['skipped']} skipped, "
+            f"{s['tokens']} tokens, {resumed} shard(s) already present, {seconds:.1f} s, "
+            f"{rate:.2f} examples/s\noutput: " + ", ".join(str(p) for p in self.dirs.values())
+        )
+
+
+class WandbLogger:
+    """Logs throughput and memory to wandb only when the user configured wandb."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def maybe(cls, cfg: ExtractConfig) -> WandbLogger:
+        if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+            return cls(None)
+        import wandb
+
+        safe = {k: v for k, v in asdict(cfg).items() if "token" not in k.lower()}
+        return cls(wandb.init(project=os.environ.get("WANDB_PROJECT", "gradproj"), config=safe))
+
+    def log(self, stats: dict, began: float) -> None:
+        if self.run is None:
+            return
+        seconds = max(time.time() - began, 1e-9)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
+        self.run.log(
+            {
+                "examples_per_s": stats["examples"] / seconds,
+                "tokens_per_s": stats["tokens"] / seconds,
+                "peak_memory_gb": peak / 2**30,
+            }
+        )
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
