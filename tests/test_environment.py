@@ -5,10 +5,10 @@ import errno
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
-import signal
 import threading
 import time
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from gradproj.targets import ParamsTarget, run_batch
 from torch.func import functional_call, grad, vmap
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,6 +12,7 @@ from gradproj import data, store
 from gradproj.cli import extract_main as main
 from gradproj.gradients import capture_linear_layers, kronecker_linear_projections, linear_modules
 from gradproj.projection import FULL, OutputSpec, make_projection
+from gradproj.targets import ParamsTarget, run_batch
 from tests.conftest import conversations, user_error_line
 
 MAX_LEN = 40
@@ -86,7 +86,8 @@ def test_padded_positions_have_zero_output_gradient(setup):
 
 def test_kronecker_hooks_equal_factors_applied_to_exact_gradient(setup):
     model, pad_id, examples = setup
-    target = ParamsTarget(model, None, False, [OutputSpec("kronecker", "4x8")], seed=3, device="cpu")
+    spec = OutputSpec("kronecker", "4x8")
+    target = ParamsTarget(model, None, False, [spec], seed=3, device="cpu")
     names = [n for n, _ in target.modules]
     reference = func_per_sample_grads(model, examples, names, pad_id)
     got = kronecker_linear_projections(

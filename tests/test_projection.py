@@ -359,9 +359,11 @@ def _mc_pair():
 def _mc_estimates(proj_type: str, s: int = 1) -> np.ndarray:
     """[MC_SEEDS, 3]: <Pa, Pb>, ||Pa||^2, ||Pb||^2 over seeds."""
     a, b = _mc_pair()
+    options = {"s": s} if proj_type == "sjlt" else {}
     rows = []
     for seed in range(MC_SEEDS):
-        out = make_projection(proj_type, [MC_K], seed, MC_SHAPE, s=s).project_batch([a, b])[MC_K]
+        projection = make_projection(proj_type, [MC_K], seed, MC_SHAPE, **options)
+        out = projection.project_batch([a, b])[MC_K]
         pa, pb = out.double()
         rows.append([float(pa @ pb), float(pa @ pa), float(pb @ pb)])
     return np.array(rows)
