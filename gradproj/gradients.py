@@ -71,6 +71,23 @@ def mean_last_hidden_states(model, batch: list[Example], pad_id: int = 0) -> lis
     return [hidden[row, : ex.length].float().mean(0) for row, ex in enumerate(batch)]
 
 
+@contextlib.contextmanager
+def mean_hidden_states_captured(model, batch: list[Example]) -> Iterator[list[torch.Tensor]]:
+    """Around one pass: what `mean_last_hidden_states` gives, taken from that pass's forward
+    (a hook on the base model) instead of a forward of its own."""
+    means: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        hidden = output.last_hidden_state.detach()
+        means.extend(hidden[row, : ex.length].float().mean(0) for row, ex in enumerate(batch))
+
+    handle = model.base_model.register_forward_hook(keep)
+    try:
+        yield means
+    finally:
+        handle.remove()
+
+
 # Parameter gradients of linear layers (--target params)
 #
 # For a linear layer y_t = W x_t (+ b) at positions t, an example's weight gradient is

@@ -250,3 +250,38 @@ def test_ultrachat_nested_messages(tiny_llama, tmp_path):
     assert store.Run(tmp_path / "out" / "full" / tiny_llama.name / "uc" / "test_sft" / "0").ids == [
         "p0", "p1", "p2"
     ]  # fmt: skip
+
+
+def shard_bytes(run_dir) -> dict:
+    """Each shard of a run: its tensors' bytes and its metadata (examples, skipped, checksum)."""
+    return {p.name: p.read_bytes() for p in sorted(run_dir.glob("*.safetensors"))}
+
+
+def test_several_targets_in_one_pass_write_what_separate_passes_write(
+    tiny_llama, sft_file, tmp_path
+):
+    """One pass for embeddings (full and projected), params (kronecker) and hidden states gives
+    byte-identical shards, and the same manifests apart from the options given, as a pass per
+    target."""
+    projections = ("--random_projection", "--proj_dim", "full,16", "--proj_type", "rademacher")
+    extract(tiny_llama, sft_file, tmp_path / "one", "--target", "embeddings,params,hidden",
+            *projections)  # fmt: skip
+    extract(tiny_llama, sft_file, tmp_path / "apart", *projections)
+    extract(tiny_llama, sft_file, tmp_path / "apart", "--target", "params")
+    extract(tiny_llama, sft_file, tmp_path / "apart", "--target", "hidden")
+    variants = ("full", "rademacher_16", "params_kronecker_16x16", "hidden")
+    for variant in variants:
+        one, apart = (tmp_path / side / variant / tiny_llama.name / "sft" / "train" / "0"
+                      for side in ("one", "apart"))  # fmt: skip
+        assert shard_bytes(one) == shard_bytes(apart) != {}, variant
+        manifests = [store.Run(run).manifest for run in (one, apart)]
+        for manifest in manifests:
+            manifest.pop("options")
+        assert manifests[0] == manifests[1], variant
+
+
+def test_target_list_is_checked(tiny_llama, sft_file, tmp_path, capsys):
+    line = bad([str(tiny_llama), str(sft_file), "0", "--target", "embeddings,embeddings"], capsys)
+    assert "each once" in line
+    line = bad([str(tiny_llama), str(sft_file), "0", "--target", "params,grads"], capsys)
+    assert "--target 'params,grads'" in line

@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from gradproj.gradients import embedding_gradients, mean_last_hidden_states
+from gradproj.gradients import (
+    embedding_gradients,
+    mean_hidden_states_captured,
+    mean_last_hidden_states,
+)
 from gradproj.projection import OutputSpec
 from gradproj.targets.base import Target
 from gradproj.targets.embeddings import EmbeddingTarget
@@ -49,13 +53,16 @@ def make_target(name: str, model, specs: list[OutputSpec], options: TargetOption
 
 def run_batch(targets: list[Target], model, batch, causal: bool, pad_id: int) -> list[list]:
     """One pass of the model over a batch for every target: each target's payloads."""
+    backward = any(target.needs_backward for target in targets)
+    wants_hidden = any(target.needs_hidden for target in targets)
+    grads = hidden = None
     with contextlib.ExitStack() as stack:
         captured = [stack.enter_context(target.capture()) for target in targets]
-        grads = None
-        if any(target.needs_backward for target in targets):
+        if backward and wants_hidden:  # the hidden states of the same forward
+            hidden = stack.enter_context(mean_hidden_states_captured(model, batch))
+        if backward:
             grads = embedding_gradients(model, batch, causal, pad_id)
-    hidden = None
-    if any(target.needs_hidden for target in targets):
+    if wants_hidden and not backward:
         hidden = mean_last_hidden_states(model, batch, pad_id)
     return [
         target.collect(batch, capture, grads, hidden)
