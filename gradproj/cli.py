@@ -103,9 +103,12 @@ EXTRACT_OPTIONS = {
     "start": dict(help="first example of this task's range"),
     "end": dict(help="end (exclusive) of this task's range"),
     "target": dict(
+        metavar="TARGET[,TARGET...]",
         help="embeddings (d loss / d input embeddings), params (weights of linear layers; "
         "projected by default, see docs/projection.md) or hidden (no gradient: the mean last "
-        "hidden state, a representation baseline)"
+        "hidden state, a representation baseline); several, comma-separated, share one pass: "
+        "the projection options then apply to the first gradient target listed, and a second "
+        "takes its default (params: kronecker 16x16; embeddings: full)",
     ),
     "modules": dict(
         metavar="GLOB[,GLOB...]",

@@ -2,12 +2,13 @@
 # The whole study on the bundled model and example data, on CPU, in a few minutes:
 # gradients (full and projected, one pass per split) -> scores -> comparison report, and the
 # ground-truth retrieval table (which method ranks each test example's source first), for which
-# it also extracts the parameter-gradient target (kronecker per layer; dense on a few layers,
-# LESS-style) and the mean last hidden state.
+# the same pass also extracts the parameter-gradient target (kronecker per layer) and the mean
+# last hidden state (and, opted in, a pass of its own the LESS-style dense projection of a few
+# layers).
 # Rerunnable: a second run resumes from what is on disk and is quick.
 # Knobs (environment): DEMO_OUTPUT, DEMO_MAX_SEQ_LENGTH, DEMO_DIMS, DEMO_TYPES, DEMO_LIMIT,
 # DEMO_RETRIEVAL (space-separated subset of "params less hidden", default "params hidden": the
-# LESS-style pass costs 5 more minutes; empty: embeddings only),
+# LESS-style pass costs about 5 more minutes; empty: embeddings only),
 # DEMO_LESS_MODULES, DEMO_LESS_DIM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +24,13 @@ RETRIEVAL=${DEMO_RETRIEVAL-params hidden}
 LESS_MODULES=${DEMO_LESS_MODULES:-model.layers.2[6-9].self_attn.v_proj}
 LESS_DIM=${DEMO_LESS_DIM:-1024}
 run() { echo "$OUT/gradients/$1/smollm2-135m-instruct/$2/$2/0"; }
-# Other targets, for the retrieval table only: name, then extraction options.
-declare -A targets=(
-    [params]="params_kronecker_16x16|--target params"
-    [less]="params_rademacher_${LESS_DIM}|--target params --modules $LESS_MODULES --random_projection --proj_type rademacher --proj_dim $LESS_DIM --batch_tokens 8192 --proj_memory_gb 2"
-    [hidden]="hidden|--target hidden"
+# Other targets, for the retrieval table only: run directory. params and hidden come from the
+# embedding gradients' own pass; the LESS-style dense projection needs a pass of its own.
+declare -A retrieval_runs=(
+    [params]=params_kronecker_16x16 [hidden]=hidden [less]="params_rademacher_${LESS_DIM}"
 )
+LESS_OPTIONS=(--target params --modules "$LESS_MODULES" --random_projection --proj_type rademacher
+    --proj_dim "$LESS_DIM" --batch_tokens 8192 --proj_memory_gb 2)
 extract() {  # split, then extra options
     local split=$1; shift
     $PY extract_gradients.py "$MODEL" "examples/data/$split.jsonl" 0 --dataset_split "$split" \
@@ -40,19 +42,23 @@ score() {  # variant, output
         --func both --output "$2" --top_k 5
 }
 
-projections=(--random_projection --proj_dim "full,$DIMS" --proj_type "$TYPES")
-echo "== 1/5 train gradients (full and ${TYPES} at ${DIMS} dims, one pass)"
+targets=embeddings
+for name in $RETRIEVAL; do
+    [ -n "${retrieval_runs[$name]:-}" ] || { echo "DEMO_RETRIEVAL: unknown '$name'" >&2; exit 2; }
+    [ "$name" = less ] || targets+=",$name"
+done
+projections=(--target "$targets" --random_projection --proj_dim "full,$DIMS" --proj_type "$TYPES")
+echo "== 1/5 train gradients (full and ${TYPES} at ${DIMS} dims; targets $targets; one pass)"
 extract train "${projections[@]}"
 echo "== 2/5 test gradients"
 extract test "${projections[@]}"
 
-echo "== 3/5 other targets for the retrieval table: ${RETRIEVAL:-none}"
-for name in $RETRIEVAL; do
-    [ -n "${targets[$name]:-}" ] || { echo "DEMO_RETRIEVAL: unknown '$name'" >&2; exit 2; }
-    IFS='|' read -r _ options <<< "${targets[$name]}"
-    # shellcheck disable=SC2086  # options split into words; set -f keeps the --modules glob
-    for split in train test; do set -f; extract "$split" $options; set +f; done
-done
+if [[ " $RETRIEVAL " == *" less "* ]]; then
+    echo "== 3/5 the LESS-style target for the retrieval table (a pass of its own)"
+    for split in train test; do extract "$split" "${LESS_OPTIONS[@]}"; done
+else
+    echo "== 3/5 (no LESS-style pass: DEMO_RETRIEVAL=\"params less hidden\" adds it)"
+fi
 
 echo "== 4/5 influence scores (dot and cosine)"
 variants=(full)
@@ -62,7 +68,7 @@ for t in "${types[@]}"; do for d in "${dims[@]}"; do variants+=("${t}_${d}"); do
 for v in "${variants[@]}"; do score "$v" "$OUT/scores/$v"; done
 others=()
 for name in $RETRIEVAL; do
-    IFS='|' read -r variant _ <<< "${targets[$name]}"
+    variant=${retrieval_runs[$name]}
     score "$variant" "$OUT/retrieval_scores/$variant"
     others+=("$OUT/retrieval_scores/$variant")
 done
