@@ -197,7 +197,7 @@ def stored_layout(run: store.Run) -> Layout:
     with safe_open(str(run.path / run.manifest["shards"][0]["file"]), framework="pt") as f:
         ragged = "values" in f.keys()  # noqa: SIM118
         tensor = f.get_slice("values" if ragged else "vectors")
-        elem, width = store._DTYPE_BYTES[tensor.get_dtype()], tensor.get_shape()[1]
+        elem, width = store.DTYPE_BYTES[tensor.get_dtype()], tensor.get_shape()[1]
     if not ragged:
         return Layout(False, elem, width, width)
     tokens = [e.get("tokens", 1) for e in run.manifest["examples"]]
@@ -466,8 +466,6 @@ def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
 
 def write_scores(path: Path, scores: Scores, train: store.Run, test: store.Run) -> None:
     """Write the score matrices to `path`, inside a staging directory (see `replace_dir`)."""
-    # One metadata key: safetensors keeps metadata in a hash map, so several keys would be
-    # written in a random order and identical results would differ in their bytes.
     info = {
         "format": SCORES_FORMAT,
         "train_ids": scores.train_ids,
@@ -475,11 +473,8 @@ def write_scores(path: Path, scores: Scores, train: store.Run, test: store.Run) 
         "train_run": str(train.path.resolve()),
         "test_run": str(test.path.resolve()),
     }
-    metadata = {"gradproj": json.dumps(info, sort_keys=True)}
     tensors = {name: m.contiguous() for name, m in scores.matrices.items()}
-    store.save_safetensors(tensors, path, metadata)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    store.write_safetensors(tensors, path, info)
 
 
 def ranked(scores: torch.Tensor) -> torch.Tensor:

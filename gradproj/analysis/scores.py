@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from gradproj import store
 from gradproj.errors import UserError
 
 SCORES_FILE = "scores.safetensors"
@@ -59,8 +60,7 @@ def load_score_dir(path: str | Path) -> ScoreDir:
             )
     summary = _read_json(summary_path)
     with safe_open(str(scores_path), framework="np") as f:
-        # score_influence.py writes one metadata key (safetensors keeps keys in hash order)
-        metadata = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+        metadata = store.read_metadata(f)
         scores = {name: f.get_tensor(name) for name in FUNCTIONS if name in f.keys()}  # noqa: SIM118
     if not scores:
         raise UserError(f"{scores_path} holds neither 'dot' nor 'cosine' scores")
