@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gradproj import store  # noqa: E402
+from gradproj import scoredir, store  # noqa: E402
 
 PER_FILE = 1000
 
@@ -131,7 +131,7 @@ def bench_dim(args, k: int, work: Path) -> dict:
                                device=args.device)  # fmt: skip
         result["baseline"] = run_child(code)
         if "error" not in result["baseline"]:
-            ours = work / f"ours_{k}" / "scores.safetensors"
+            ours = work / f"ours_{k}" / scoredir.SCORES_FILE
             result["baseline_error_vs_ours"] = max_relative_difference(ours, Path(out))
     if args.extrapolate and "seconds" in result["ours"]:
         factor = args.extrapolate / args.n_train

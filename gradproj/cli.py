@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 import types
@@ -351,11 +350,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from gradproj import influence
+    from gradproj import influence, scoredir
 
     began = time.time()
     out = influence.score_influence(influence.ScoreConfig(**vars(args)))
-    counts = json.loads((out / influence.SUMMARY_FILE).read_text())["counts"]
+    counts = scoredir.read_summary(out)["counts"]
     excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))
     note = f"; not scored: {excluded} example(s), listed in summary.json" if excluded else ""
     print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)

@@ -15,6 +15,8 @@ Full (unprojected) runs are scored from their ragged storage: the position-align
 of a `[la, h]` and a `[lb, h]` gradient is the sum over t < min(la, lb) of <a_t, b_t>. Positions
 are cut into chunks of P; for chunk c only the examples longer than c * P take part, padded with
 zeros to the chunk's end, so the product never densifies to `max_seq_length * hidden`.
+
+What is written, and how, is `gradproj.scoredir`'s: this module computes what goes in.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,19 +32,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gradproj import store
+from gradproj import scoredir, store
 from gradproj.errors import UserError
+from gradproj.scoredir import FUNCTIONS
 
-FUNCTIONS = ("dot", "cosine")
 FUNC_CHOICES = (*FUNCTIONS, "both")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 COMPUTE = torch.float64
-SCORES_FILE = "scores.safetensors"
-TOPK_FILE = "topk.jsonl"
-SUMMARY_FILE = "summary.json"
-MAPPED_DIR = "mapped"
 STORED_ZERO = "all-zero stored gradient"  # an exclusion found by scoring, not extraction
-SCORES_FORMAT = "gradproj-scores/1"
 # Coordinates per chunk of the position-aligned product (P = this // hidden positions): large
 # enough for an efficient matmul, small enough that padding to a chunk's end wastes little.
 CHUNK_COORDS = 16384
@@ -197,7 +192,7 @@ def stored_layout(run: store.Run) -> Layout:
     with safe_open(str(run.path / run.manifest["shards"][0]["file"]), framework="pt") as f:
         ragged = "values" in f.keys()  # noqa: SIM118
         tensor = f.get_slice("values" if ragged else "vectors")
-        elem, width = store._DTYPE_BYTES[tensor.get_dtype()], tensor.get_shape()[1]
+        elem, width = store.DTYPE_BYTES[tensor.get_dtype()], tensor.get_shape()[1]
     if not ragged:
         return Layout(False, elem, width, width)
     tokens = [e.get("tokens", 1) for e in run.manifest["examples"]]
@@ -464,24 +459,6 @@ def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
     return Path("explainability") / dim / where / cfg.func
 
 
-def write_scores(path: Path, scores: Scores, train: store.Run, test: store.Run) -> None:
-    """Write the score matrices to `path`, inside a staging directory (see `replace_dir`)."""
-    # One metadata key: safetensors keeps metadata in a hash map, so several keys would be
-    # written in a random order and identical results would differ in their bytes.
-    info = {
-        "format": SCORES_FORMAT,
-        "train_ids": scores.train_ids,
-        "test_ids": scores.test_ids,
-        "train_run": str(train.path.resolve()),
-        "test_run": str(test.path.resolve()),
-    }
-    metadata = {"gradproj": json.dumps(info, sort_keys=True)}
-    tensors = {name: m.contiguous() for name, m in scores.matrices.items()}
-    store.save_safetensors(tensors, path, metadata)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def ranked(scores: torch.Tensor) -> torch.Tensor:
     """Positions by score, descending, along the last dim; ties keep their order (no NaN here)."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -506,23 +483,13 @@ def top_positions(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
-def topk_lines(scores: Scores, k: int) -> Iterator[str]:
+def topk_positions(scores: Scores, k: int) -> dict[str, tuple[list, list]]:
+    """Per function, each test row's top k and bottom k train columns, highest and lowest first."""
     # negation is exact, so the lowest come first with ties still in train order
-    ranks = {
+    return {
         name: (top_positions(m, k).tolist(), top_positions(-m, k).tolist())
         for name, m in scores.matrices.items()
     }
-    for j, test_id in enumerate(scores.test_ids):
-        line = {"test_id": test_id, "test_index": scores.test_index[j]}
-        for name, matrix in scores.matrices.items():
-            top, bottom = ranks[name][0][j], ranks[name][1][j]
-            line[name] = {
-                "top_ids": [scores.train_ids[i] for i in top],
-                "top_scores": matrix[j, top].tolist(),
-                "bottom_ids": [scores.train_ids[i] for i in bottom],
-                "bottom_scores": matrix[j, bottom].tolist(),
-            }
-        yield json.dumps(line)
 
 
 def per_test_stats(scores: Scores) -> dict:
@@ -544,7 +511,6 @@ def manifest_summary(run: store.Run) -> dict:
 
 def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
     return {
-        "format": SCORES_FORMAT,
         "functions": list(cfg.functions),
         "precision": cfg.precision,
         "counts": {
@@ -591,25 +557,20 @@ def train_fragments(dataset: str, split: str, scores: Scores) -> list[str]:
     return fragments
 
 
-def mapped_json(row: torch.Tensor, fragments: list[str]) -> str:
-    entries = []
+def mapped_entries(row: torch.Tensor, fragments: list[str]) -> Iterator[tuple[float, str]]:
+    """(score, train sample fields) of one test row, by score, highest first (ties in order)."""
     for i in ranked(row).tolist():
-        body = fragments[i]
-        entries.append(
-            '{"score": ' + json.dumps(row[i].item()) + (", " + body if body else "") + "}"
-        )
-    return "[\n" + ",\n".join(entries) + "\n]\n"
+        yield row[i].item(), fragments[i]
 
 
 def write_mapped(out: Path, cfg: ScoreConfig, scores: Scores, train: store.Run) -> None:
     dataset = cfg.dataset or train.manifest.get("dataset")
     fragments = train_fragments(dataset, train.manifest.get("split", "train"), scores)
-    root = out / MAPPED_DIR
+    several = len(scores.matrices) > 1
     for name, matrix in scores.matrices.items():
-        folder = root / name if len(scores.matrices) > 1 else root
         for j, test_index in enumerate(scores.test_index):
-            text = mapped_json(matrix[j], fragments)
-            store.atomic_write_bytes(folder / f"{test_index}.json", text.encode())
+            entries = mapped_entries(matrix[j], fragments)
+            scoredir.write_mapped(out, name, test_index, entries, several)
 
 
 # --- The command ---
@@ -629,72 +590,25 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
             )
 
 
-# --- Replacing a score directory whole ---
-
-
-def check_replaceable(out: Path) -> None:
-    """A score directory is replaced whole: refuse one that holds anything but a scoring."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_score_dir(out):
-        raise UserError(
-            f"--output {out} holds files that are not score_influence.py's output, and scoring "
-            "replaces the directory whole; give a new or empty directory"
-        )
-
-
-def is_score_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / SUMMARY_FILE).read_text()).get("format") == SCORES_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def replace_dir(out: Path, build) -> None:
-    """Run `build(staging)` in a new directory beside `out`, then swap it in for `out`.
-
-    Readers see the old scoring or the new one, never a mix. A process killed before the swap
-    leaves `.<name>.staging-*` (or between the two renames `.<name>.old-*`) beside `out`; the
-    next scoring into `out` removes them.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out.parent.glob(f".{out.name}.staging-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in out.parent.glob(f".{out.name}.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
-    try:
-        store.honour_umask(staging, directory=True)  # mkdtemp makes 0700
-        build(staging)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def score_influence(cfg: ScoreConfig) -> Path:
     """Score the runs, write the score directory (replacing it whole), return its path."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
-    check_replaceable(out)
+    scoredir.check_replaceable(out)
     plan = plan_memory(cfg, train, test)
     scores = Scorer(cfg, train, test, plan).run()
     warn_excluded(scores.excluded)
 
     def build(folder: Path) -> None:
-        write_scores(folder / SCORES_FILE, scores, train, test)
-        topk = "".join(line + "\n" for line in topk_lines(scores, cfg.top_k))
-        store.atomic_write_bytes(folder / TOPK_FILE, topk.encode())
-        store.atomic_write_json(folder / SUMMARY_FILE, summary(cfg, scores, train, test, plan))
+        ids = (scores.train_ids, scores.test_ids)
+        scoredir.write_scores(folder, scores.matrices, *ids, train.path, test.path)
+        positions = topk_positions(scores, cfg.top_k)
+        lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
+        scoredir.write_topk(folder, lines)
+        scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
         if cfg.mapped:
             write_mapped(folder, cfg, scores, train)
 
-    replace_dir(out, build)
+    scoredir.replace_dir(out, build)
     return out

@@ -31,6 +31,7 @@ from gradproj.errors import UserError
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "gradproj-shard/1"
 RUN_FORMAT = "gradproj-run/1"
+METADATA_KEY = "gradproj"  # a safetensors file's one metadata key (see `write_safetensors`)
 # Manifest fields rebuilt from the shards on every merge; the rest is the run's header.
 DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped")
 
@@ -109,8 +110,6 @@ def write_shard(
 ) -> dict:
     """Write one shard atomically; returns its manifest entry."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    # One metadata key: safetensors stores metadata in a hash map, so several keys would be
-    # written in a random order and identical shards would differ in their bytes.
     info = {
         "format": SHARD_FORMAT,
         "start": start,
@@ -119,20 +118,34 @@ def write_shard(
         "skipped": record.skipped,
         "content_sha256": content_sha256(tensors),
     }
-    metadata = {"gradproj": json.dumps(info, sort_keys=True)}
     path = Path(run_dir) / shard_name(start, end)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # named by the shard: a dead writer's leftover is removed by whoever claims the shard next
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".shard-{start}_{end}-") as tmpdir:
+    write_safetensors(tensors, path, info, tmp_prefix=f".shard-{start}_{end}-")
+    return shard_entry(path, record)
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, info: dict, tmp_prefix: str | None = None
+) -> None:
+    """Write a safetensors file atomically: into a temporary directory beside `path` (named
+    `tmp_prefix`*), fsync, rename over `path`; the file gets the umask's mode.
+
+    `info` becomes the one metadata key, `gradproj` (see `read_metadata`): safetensors keeps
+    metadata in a hash map, so several keys would be written in a random order and identical
+    contents would differ in their bytes.
+    """
+    metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = tmp_prefix or f".{path.name}-"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=prefix) as tmpdir:
         tmp = Path(tmpdir) / path.name
         try:
             save_safetensors(tensors, tmp, metadata)
-        except OSError as err:  # name the shard, not its temporary file, which is removed
+        except OSError as err:  # name the file, not its temporary copy, which is removed
             raise OSError(err.errno, err.strerror, str(path)) from err
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    return shard_entry(path, record)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
@@ -161,9 +174,14 @@ def shard_entry(path: Path, record: ShardRecord) -> dict:
     }
 
 
+def read_metadata(f) -> dict:
+    """The `gradproj` metadata (a JSON object) of a file opened with `safe_open`; {} if none."""
+    return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+
+
 def read_shard_metadata(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("gradproj", "{}"))
+        return read_metadata(f)
 
 
 def check_shard(path: Path) -> ShardRecord | None:
@@ -179,7 +197,7 @@ def check_shard(path: Path) -> ShardRecord | None:
 
 def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+        meta = read_metadata(f)
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     return meta, tensors
 
@@ -481,7 +499,8 @@ def stored_norm(tensors: dict[str, torch.Tensor]) -> float:
 
 # --- Reading a run in bounded blocks (used by gradproj.influence) ---
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+# Bytes per element of each safetensors dtype that runs hold (`get_slice(...).get_dtype()`)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
 def iter_blocks(run: Run, max_bytes: int) -> Iterator[Shard]:
@@ -493,7 +512,7 @@ def iter_blocks(run: Run, max_bytes: int) -> Iterator[Shard]:
     """
     for entry in run.manifest["shards"]:
         with safe_open(str(run.path / entry["file"]), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("gradproj", "{}"))
+            meta = read_metadata(f)
             ids = [e["id"] for e in meta["examples"]]
             index = f.get_tensor("index")
             if "vectors" in f.keys():  # noqa: SIM118
@@ -505,7 +524,7 @@ def iter_blocks(run: Run, max_bytes: int) -> Iterator[Shard]:
 
 def _vector_blocks(vectors, ids: list[str], index: torch.Tensor, max_bytes: int):
     n, k = vectors.get_shape()
-    step = max(1, max_bytes // max(1, k * _DTYPE_BYTES[vectors.get_dtype()]))
+    step = max(1, max_bytes // max(1, k * DTYPE_BYTES[vectors.get_dtype()]))
     for i0 in range(0, n, step):
         i1 = min(n, i0 + step)
         yield Shard(ids=ids[i0:i1], index=index[i0:i1], vectors=vectors[i0:i1])
@@ -513,7 +532,7 @@ def _vector_blocks(vectors, ids: list[str], index: torch.Tensor, max_bytes: int)
 
 def _ragged_blocks(values, offsets: torch.Tensor, ids: list[str], index, max_bytes: int):
     _, hidden = values.get_shape()
-    row_bytes = hidden * _DTYPE_BYTES[values.get_dtype()]
+    row_bytes = hidden * DTYPE_BYTES[values.get_dtype()]
     bounds = offsets.tolist()
     i0 = 0
     while i0 < len(ids):

@@ -17,7 +17,6 @@ from gradproj.analysis import (
     jl_cosine_std,
     jl_dot_std,
     kendall_tau_b,
-    load_score_dir,
     median_difference_permutation_test,
     ndcg_at_k,
     ndcg_original,
@@ -29,6 +28,7 @@ from gradproj.analysis import (
 from gradproj.analysis.original import GradientPair
 from gradproj.errors import UserError
 from gradproj.projection import make_projection
+from gradproj.scoredir import SCORES_FORMAT, load_score_dir
 from gradproj.store import ShardRecord, merge_manifest, write_shard
 
 
@@ -51,7 +51,8 @@ def all_scores(test, train):
 def write_score_dir(path, scores, train_ids, test_ids, projection):
     """A score directory as score_influence.py writes it (docs/formats.md)."""
     path.mkdir(parents=True)
-    metadata = {"gradproj": json.dumps({"train_ids": train_ids, "test_ids": test_ids})}
+    info = {"format": SCORES_FORMAT, "train_ids": train_ids, "test_ids": test_ids}
+    metadata = {"gradproj": json.dumps(info)}
     save_file(
         {k: np.ascontiguousarray(v) for k, v in scores.items()},
         str(path / "scores.safetensors"),
@@ -63,7 +64,8 @@ def write_score_dir(path, scores, train_ids, test_ids, projection):
         "model": "synthetic",
         "target": "embeddings",
     }
-    summary = {"train_manifest": manifest, "test_manifest": manifest, "functions": list(scores)}
+    summary = {"format": SCORES_FORMAT, "train_manifest": manifest, "test_manifest": manifest,
+               "functions": list(scores)}  # fmt: skip
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gradproj import influence, models, store
+from gradproj import models, scoredir, store
 from gradproj.cli import extract_main, score_main
 from gradproj.errors import run_cli
 from tests.conftest import REPO
@@ -359,5 +359,5 @@ def test_influence_output_has_no_staging_left_when_build_fails(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
     with pytest.raises(OSError):
-        influence.replace_dir(out, build)
+        scoredir.replace_dir(out, build)
     assert list(tmp_path.iterdir()) == []

@@ -17,9 +17,9 @@ from gradproj.analysis.retrieval import (
     retrieval_statistics,
     source_ranks,
 )
-from gradproj.analysis.scores import ScoreDir
 from gradproj.cli import compare_main, extract_main, score_main
 from gradproj.influence import ranked
+from gradproj.scoredir import ScoreDir
 from tests.conftest import conversations, user_error_line, write_jsonl
 
 MAX_LEN = 40

@@ -2,7 +2,7 @@
 
 Submodules: `metrics` (Kendall, Spearman, top-k overlap, NDCG), `stats` (bootstrap CIs,
 permutation tests), `theory` (JL predictions), `original` (the original study's pipeline step by
-step), `original_json` (the original's published JSON lists), `scores` (reading score
+step), `original_json` (the original's published JSON lists), `scores` (aligning score
 directories), `runs` (full-gradient runs), `compare` (the compare_projections command), `report`
 and `figures` (its outputs).
 """
@@ -32,7 +32,7 @@ from gradproj.analysis.original import (
     rank_kendall,
     run_ablation,
 )
-from gradproj.analysis.scores import ScoreDir, align_to, load_score_dir
+from gradproj.analysis.scores import align_to
 from gradproj.analysis.stats import bootstrap_median_ci, median_difference_permutation_test
 from gradproj.analysis.theory import (
     jl_cosine_std,
@@ -40,6 +40,7 @@ from gradproj.analysis.theory import (
     norm_products_from_scores,
     predicted_kendall,
 )
+from gradproj.scoredir import ScoreDir, load_score_dir  # re-exported: notebooks and docs use them
 
 __all__ = [
     "CompareConfig",

@@ -11,10 +11,11 @@ from tqdm import tqdm
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
 from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
-from gradproj.analysis.scores import ScoreDir, align_to, load_score_dir
+from gradproj.analysis.scores import align_to
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
 from gradproj.errors import UserError
+from gradproj.scoredir import ScoreDir, load_score_dir
 
 DENSE_TYPES = ("rademacher", "normal")
 GROUP = ["comparison", "candidate", "projection_type", "dim", "function", "metric"]

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradproj.analysis.scores import FUNCTIONS, ScoreDir, align_to
+from gradproj.analysis.scores import align_to
 from gradproj.analysis.stats import bootstrap_ci
 from gradproj.errors import UserError
+from gradproj.scoredir import FUNCTIONS, ScoreDir
 
 KS = (1, 5)
 SOURCE_FIELD = "source_id"

@@ -1,0 +1,77 @@
+"""gradproj.scoredir: a score directory written by scoring reads back, and one written in a format
+version this gradproj does not know is refused with a one-line error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gradproj import __version__, scoredir, store
+from gradproj.cli import compare_main
+from gradproj.errors import UserError
+from tests.conftest import user_error_line
+from tests.test_influence import read_scores, score, synthetic_run
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """A real score directory: synthetic runs scored by `gradproj score`."""
+    gen = torch.Generator().manual_seed(0)
+    train = synthetic_run(tmp_path / "train", list(torch.randn(5, 8, generator=gen)))
+    test = synthetic_run(tmp_path / "test", list(torch.randn(3, 8, generator=gen)))
+    return score(train, test, tmp_path / "scores")
+
+
+def test_load_score_dir_reads_what_scoring_wrote(scored):
+    tensors, info = read_scores(scored)
+    loaded = scoredir.load_score_dir(scored)
+    assert loaded.train_ids == info["train_ids"] and loaded.test_ids == info["test_ids"]
+    assert sorted(loaded.scores) == sorted(tensors) == ["cosine", "dot"]
+    for name, matrix in tensors.items():
+        assert (loaded.scores[name] == matrix.numpy()).all()
+    assert loaded.summary["format"] == scoredir.SCORES_FORMAT == loaded.metadata["format"]
+    assert scoredir.is_score_dir(scored)
+
+
+def set_summary_format(path, value):
+    summary = json.loads((path / scoredir.SUMMARY_FILE).read_text())
+    summary.pop("format")
+    if value is not None:
+        summary = {"format": value} | summary
+    (path / scoredir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+
+
+def set_scores_format(path, value):
+    file = path / scoredir.SCORES_FILE
+    with safe_open(str(file), framework="pt") as f:
+        info = store.read_metadata(f)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(file), metadata={"gradproj": json.dumps(info | {"format": value})})
+
+
+@pytest.mark.parametrize(
+    ("edit", "file", "written"),
+    [
+        (set_summary_format, "summary.json", "score format 'gradproj-scores/9'"),
+        (set_scores_format, "scores.safetensors", "score format 'gradproj-scores/9'"),
+        (lambda path, _: set_summary_format(path, None), "summary.json", "no score format"),
+    ],
+    ids=["summary", "scores_metadata", "summary_without_format"],
+)
+def test_an_unknown_format_version_is_refused(scored, tmp_path, capsys, edit, file, written):
+    candidate = shutil.copytree(scored, tmp_path / "candidate")  # a good one: only one is bad
+    edit(scored, "gradproj-scores/9")
+    message = (
+        f"{scored}: {file} was written in {written}, which this gradproj (version "
+        f"{__version__}) cannot read; rescore with this version or upgrade gradproj"
+    )
+    with pytest.raises(UserError) as info:
+        scoredir.load_score_dir(scored)
+    assert str(info.value) == message
+    argv = ["--reference", str(scored), "--candidates", str(candidate), "--output",
+            str(tmp_path / "report")]  # fmt: skip
+    assert user_error_line(compare_main, argv, capsys) == f"error: {message}"
+    assert not (tmp_path / "report").exists()
