@@ -303,9 +303,9 @@ def test_sorted_segment_sums_equal_sequential_scatter_add():
 def test_kronecker_matches_explicit_kronecker_product_matrix():
     shape, spec = (5, 6), "2x3"
     grads = _ragged_grads(shape, [5, 3])
-    out = make_projection("kronecker", [spec], 12, shape).project_batch(grads)[6]
-    left = kronecker.kronecker_factor("kron_left", 12, 5, 2, "cpu").double().numpy()
-    right = kronecker.kronecker_factor("kron_right", 12, 6, 3, "cpu").double().numpy()
+    projection = make_projection("kronecker", [spec], 12, shape)
+    out = projection.project_batch(grads)[6]
+    left, right = (factor.double().numpy() for factor in projection.factor_matrices(2, 3))
     matrix = np.kron(left, right)  # row-major vec(A^T G B) = kron(A, B)^T vec(G)
     expected = [np.pad(g.double().reshape(-1).numpy(), (0, 30 - g.numel())) @ matrix for g in grads]
     assert _close_to_fp32_rounding(out, torch.tensor(np.stack(expected)) / math.sqrt(6), grads)

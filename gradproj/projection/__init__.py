@@ -43,10 +43,20 @@ def make_projection(proj_type: str, dims, seed: int, shape, **options) -> Projec
     return PROJECTIONS[proj_type](dims, seed, shape, **options)
 
 
+def make_projections(specs: list[OutputSpec], seed: int, shape, **options) -> dict:
+    """{type: projection to every dim of that type among the specs} (the full gradient aside)."""
+    dims: dict[str, list] = {}
+    for spec in specs:
+        if not spec.is_full:
+            dims.setdefault(spec.proj_type, []).append(spec.dim)
+    return {t: make_projection(t, d, seed, shape, **options) for t, d in dims.items()}
+
+
 __all__ = [
     "FULL", "GENERATOR", "PROJECTIONS", "PROJ_TYPES", "DenseProjection", "KroneckerProjection",
     "NormalProjection", "OutputSpec", "Projection", "RademacherProjection", "SjltProjection",
     "counter_hash", "counter_hash_reference", "default_memory_gb", "make_projection",
+    "make_projections",
     "parse_dims", "parse_kronecker_dim", "parse_outputs", "projected_outer_sum", "random_block",
     "stream_key",
 ]  # fmt: skip

@@ -90,11 +90,6 @@ def projected_outer_sum(
     return torch.einsum("bto,bti->boi", delta.float() @ left, x.float() @ right)
 
 
-def kronecker_factor(tag: str, seed: int, rows: int, k: int, device) -> torch.Tensor:
-    """fp32 [rows, k] N(0, 1) factor of the embedding target's Kronecker projection."""
-    return _random_block("normal", stream_key(tag, seed, 0), 0, rows, 0, k, device)
-
-
 def _fitting_factors(k: int, rows: int, cols: int) -> tuple[int, int] | None:
     """The most balanced (k1, k2) with k1 * k2 = k, k1 <= rows and k2 <= cols, or None."""
     pairs = [(d, k // d) for d in range(1, math.isqrt(k) + 1) if k % d == 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gradproj.projection import FULL, OutputSpec, make_projection
+from gradproj.projection import FULL, OutputSpec, make_projections
 from gradproj.targets.base import Target
 
 
@@ -15,17 +15,10 @@ class EmbeddingTarget(Target):
     def __init__(self, specs, hidden_size: int, max_seq_length: int, seed: int, device, memory_gb):
         super().__init__(specs)
         self.hidden_size = hidden_size
-        dims: dict[str, list] = {}
-        for spec in self.specs:
-            if not spec.is_full:
-                dims.setdefault(spec.proj_type, []).append(spec.dim)
         shape = (max_seq_length, hidden_size)
-        self.projections = {
-            proj_type: make_projection(
-                proj_type, type_dims, seed, shape, device=device, memory_gb=memory_gb
-            )
-            for proj_type, type_dims in dims.items()
-        }
+        self.projections = make_projections(
+            self.specs, seed, shape, device=device, memory_gb=memory_gb
+        )
 
     def collect(self, batch, captured, embedding_grads, hidden) -> list[torch.Tensor]:
         return embedding_grads

@@ -1,15 +1,15 @@
 """--target params: per-example weight gradients of chosen linear layers, exact or projected.
 
-A stage between `projection` and `store`: it drives the hooks of `gradients` and the seeded
-generator of `projection`. Three kinds of output, any of them in one pass:
+It drives the hooks of `gradients` (around the pass every target shares) and the projections
+of `projection`. Three kinds of output, any of them in one pass:
 
-- ("kronecker", "k_out x k_in"): per layer vec(A^T G B) / sqrt(k_out k_in) with seeded Gaussian
+- kronecker "k_out x k_in": per layer vec(A^T G B) / sqrt(k_out k_in) with seeded Gaussian
   A [d_out, k_out], B [d_in, k_in], computed from the hooks without forming G; the per-layer
   vectors are concatenated (n_layers * k_out * k_in numbers).
-- ("rademacher" | "normal" | "sjlt", k): the exact per-example gradient of all chosen layers,
+- rademacher, normal or sjlt k: the exact per-example gradient of all chosen layers,
   flattened and concatenated (D numbers), formed one batch at a time and projected to k by the
   dense or sparse engine: one k-vector summed over layers, as LESS does.
-- "full": the exact D-vector itself.
+- full: the exact D-vector itself.
 
 Each is scaled so that inner products are unbiased estimates of the exact ones.
 """
@@ -30,7 +30,7 @@ from gradproj.projection import (
     KroneckerProjection,
     OutputSpec,
     default_memory_gb,
-    make_projection,
+    make_projections,
     parse_kronecker_dim,
     projected_outer_sum,
     stream_key,
@@ -63,7 +63,7 @@ def layer_projection(seed: int, layer: Layer, dims: list[str], device) -> Kronec
 
 @dataclass
 class ParamsExample:
-    """One example's outputs: {(proj_type, k) or "full": fp32 vector} and its gradient norm."""
+    """One example's outputs, {spec: fp32 vector}, and its gradient norm."""
 
     norm: float
     vectors: dict
@@ -110,22 +110,15 @@ class ParamsTarget(Target):
         self.memory_gb = memory_gb if memory_gb is not None else default_memory_gb(self.device)
         self.want_full = FULL in specs
         self.kronecker = [s for s in specs if s.proj_type == KRONECKER]
-        dense = {}
-        for spec in specs:
-            if not spec.is_full and spec.proj_type != KRONECKER:
-                dense.setdefault(spec.proj_type, []).append(spec.dim)
-        self.projections = {
-            proj_type: make_projection(
-                proj_type, dims, seed, (1, self.dim), device=device, memory_gb=self.memory_gb
-            )
-            for proj_type, dims in dense.items()
-        }
+        dense = [s for s in specs if s.proj_type != KRONECKER]
+        self.projections = make_projections(
+            dense, seed, (1, self.dim), device=device, memory_gb=self.memory_gb
+        )
         dims = [s.dim for s in self.kronecker]
-        self.layer_projections = {
-            layer.name: layer_projection(self.seed, layer, dims, self.device)
+        self.factors = {
+            layer.name: layer_projection(self.seed, layer, dims, self.device).widest_factors()
             for layer in self.layers
         } if dims else {}  # fmt: skip
-        self.factors = {n: p.widest_factors() for n, p in self.layer_projections.items()}
         self._chunk = self._check_memory(batch_tokens, shard_examples)
 
     @property
