@@ -25,9 +25,13 @@ IDENTITY = (
     "model", "dataset", "dataset_split", "checkpoint_nr", "paradigm", "mode", "max_seq_length",
     "limit", "gradients_per_file", "proj_seed", "dtype", "save_dtype", "target",
 )  # fmt: skip
+PARAMS_DEFAULT_DIM = "16x16"  # kronecker, per layer
 # What a gradient target listed after the first one stores (the projection options are the
 # first one's): the parameter target's default kronecker projection, or the full gradient.
-SECOND_TARGET_OUTPUTS = {"params": [OutputSpec("kronecker", "16x16")], "embeddings": [FULL]}
+SECOND_TARGET_OUTPUTS = {
+    "params": [OutputSpec("kronecker", PARAMS_DEFAULT_DIM)],
+    "embeddings": [FULL],
+}
 
 
 @dataclass
@@ -151,7 +155,8 @@ class ExtractConfig:
         if self.proj_type is None:
             self.proj_type = "kronecker" if params else "rademacher"
         if self.proj_dim is None:
-            self.proj_dim = ["16x16"] if params and "kronecker" in str(self.proj_type) else [16384]
+            kronecker = params and "kronecker" in str(self.proj_type)
+            self.proj_dim = [PARAMS_DEFAULT_DIM] if kronecker else [16384]
         if params and not self.full:
             self.random_projection = True
         if isinstance(self.modules, str):
