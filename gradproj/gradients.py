@@ -68,6 +68,11 @@ def mean_last_hidden_states(model, batch: list[Example], pad_id: int = 0) -> lis
     ids, mask, _ = pad_batch(batch, pad_id, device)
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return token_means(hidden, batch)
+
+
+def token_means(hidden: torch.Tensor, batch: list[Example]) -> list[torch.Tensor]:
+    """fp32 `[hidden]` per example: `[B, T, hidden]` averaged over each example's own tokens."""
     return [hidden[row, : ex.length].float().mean(0) for row, ex in enumerate(batch)]
 
 
@@ -78,8 +83,7 @@ def mean_hidden_states_captured(model, batch: list[Example]) -> Iterator[list[to
     means: list[torch.Tensor] = []
 
     def keep(module, args, output):
-        hidden = output.last_hidden_state.detach()
-        means.extend(hidden[row, : ex.length].float().mean(0) for row, ex in enumerate(batch))
+        means.extend(token_means(output.last_hidden_state.detach(), batch))
 
     handle = model.base_model.register_forward_hook(keep)
     try:
