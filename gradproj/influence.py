@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from gradproj import scoredir, store
 from gradproj.errors import UserError
@@ -189,10 +188,7 @@ class Layout:
 
 
 def stored_layout(run: store.Run) -> Layout:
-    with safe_open(str(run.path / run.manifest["shards"][0]["file"]), framework="pt") as f:
-        ragged = "values" in f.keys()  # noqa: SIM118
-        tensor = f.get_slice("values" if ragged else "vectors")
-        elem, width = store.DTYPE_BYTES[tensor.get_dtype()], tensor.get_shape()[1]
+    ragged, elem, width = run.stored_rows()
     if not ragged:
         return Layout(False, elem, width, width)
     tokens = [e.get("tokens", 1) for e in run.manifest["examples"]]
@@ -210,17 +206,6 @@ def plan_memory(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Plan:
     per_example = train_layout.mean_elems * (train_layout.elem_bytes + _FP64)
     n_train = max(1, budget // 2 // (per_example + n_test * _PAIR_BYTES))
     return Plan(budget, test_bytes, n_train * train_layout.mean_elems * train_layout.elem_bytes)
-
-
-def longest_example(run: store.Run) -> int:
-    """The most stored positions of any example of a full run, from its shards' offsets."""
-    longest = 0
-    for entry in run.manifest["shards"]:
-        with safe_open(str(run.path / entry["file"]), framework="pt") as f:
-            offsets = f.get_tensor("offsets")
-        if len(offsets) > 1:
-            longest = max(longest, int((offsets[1:] - offsets[:-1]).max()))
-    return longest
 
 
 # --- Operands: one block of examples, ready for products on the device ---
@@ -326,7 +311,7 @@ class Scorer:
     def _chunking(self) -> tuple[int, int]:
         if not self.full:
             return 0, 0
-        longest = max(1, longest_example(self.test))
+        longest = max(1, self.test.longest_example())
         positions = max(1, min(CHUNK_COORDS // self.layout.width, longest))
         # train positions past the longest test example meet nothing
         return positions, -(-longest // positions)

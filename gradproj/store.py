@@ -312,6 +312,24 @@ class Run:
             blocks.append(shard.vectors.float())
         return ids, torch.cat(blocks) if blocks else torch.zeros(0, 0)
 
+    def stored_rows(self) -> tuple[bool, int, int]:
+        """(ragged, bytes per element, row width) of what the run's shards store: ragged
+        `values` rows of `hidden`, or one `vectors` row of `k` per example."""
+        with safe_open(str(self.path / self.manifest["shards"][0]["file"]), framework="pt") as f:
+            ragged = "values" in f.keys()  # noqa: SIM118
+            rows = f.get_slice("values" if ragged else "vectors")
+            return ragged, DTYPE_BYTES[rows.get_dtype()], rows.get_shape()[1]
+
+    def longest_example(self) -> int:
+        """The most stored positions of any example of a full run, from its shards' offsets."""
+        longest = 0
+        for entry in self.manifest["shards"]:
+            with safe_open(str(self.path / entry["file"]), framework="pt") as f:
+                offsets = f.get_tensor("offsets")
+            if len(offsets) > 1:
+                longest = max(longest, int((offsets[1:] - offsets[:-1]).max()))
+        return longest
+
     def dense_vector(self, i: int) -> torch.Tensor:
         """Example i (in manifest order) as the dense fp32 `[max_seq_length * hidden]` vector."""
         shard_file, j = self._locate(i)
