@@ -224,24 +224,3 @@ def kronecker_projected(
 
     with LinearTaps(modules, project_input, project_grad):
         yield out
-
-
-def capture_linear_layers(model, batch, causal, pad_id, modules) -> CapturedBatch:
-    """One batched pass keeping the inputs and output gradients of the chosen layers."""
-    with linear_layers_captured(modules) as captured:
-        embedding_gradients(model, batch, causal, pad_id)
-    return captured
-
-
-def kronecker_linear_projections(
-    model, batch, causal, pad_id, modules, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """One batched pass: {name: fp32 `[B, k_out, k_in]`} for every chosen layer (zero for a
-    layer without output gradient)."""
-    with kronecker_projected(modules, factors) as out:
-        embedding_gradients(model, batch, causal, pad_id)
-    for name, _ in modules:
-        if name not in out:
-            a, b = factors[name]
-            out[name] = a.new_zeros(len(batch), a.shape[1], b.shape[1])
-    return out

@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradproj import data, store
 from gradproj.cli import extract_main as main
-from gradproj.gradients import capture_linear_layers, kronecker_linear_projections, linear_modules
+from gradproj.gradients import (
+    embedding_gradients,
+    kronecker_projected,
+    linear_layers_captured,
+    linear_modules,
+)
 from gradproj.projection import FULL, OutputSpec, make_projection
 from gradproj.targets import ParamsTarget, run_batch
 from tests.conftest import conversations, user_error_line
@@ -62,14 +67,19 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+def captured_pass(model, examples, pad_id, modules):
+    """The chosen layers' inputs and output gradients, captured around one pass."""
+    with linear_layers_captured(modules) as captured:
+        embedding_gradients(model, examples, True, pad_id)
+    return captured
+
+
 def test_hook_gradients_equal_func_per_sample_gradients(setup):
     model, pad_id, examples = setup
     modules = linear_modules(model, None, include_lm_head=True)
     names = [n for n, _ in modules]
     reference = flat_reference(func_per_sample_grads(model, examples, names, pad_id), names)
-    got = capture_linear_layers(model, examples, True, pad_id, modules).weight_gradients(
-        slice(None)
-    )
+    got = captured_pass(model, examples, pad_id, modules).weight_gradients(slice(None))
     for i in range(len(examples)):
         assert relative_error(got[i], reference[i]) < 1e-5
 
@@ -77,7 +87,7 @@ def test_hook_gradients_equal_func_per_sample_gradients(setup):
 def test_padded_positions_have_zero_output_gradient(setup):
     model, pad_id, examples = setup
     modules = linear_modules(model, None, include_lm_head=True)
-    captured = capture_linear_layers(model, examples, True, pad_id, modules)
+    captured = captured_pass(model, examples, pad_id, modules)
     for name, _ in modules:
         for row, ex in enumerate(examples):
             assert torch.all(captured.output_grads[name][row, ex.length :] == 0), name
@@ -90,9 +100,8 @@ def test_kronecker_hooks_equal_factors_applied_to_exact_gradient(setup):
     target = ParamsTarget(model, None, False, [spec], seed=3, device="cpu")
     names = [n for n, _ in target.modules]
     reference = func_per_sample_grads(model, examples, names, pad_id)
-    got = kronecker_linear_projections(
-        model, examples, True, pad_id, target.modules, target.factors
-    )
+    with kronecker_projected(target.modules, target.factors) as got:
+        embedding_gradients(model, examples, True, pad_id)
     for name in names:
         left, right = target.factors[name]
         want = left.T @ reference[name].double().float() @ right  # A^T G B, batched over examples

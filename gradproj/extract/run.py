@@ -243,9 +243,9 @@ class Extractor:
         kept, skipped = self.tokenize(start, end)
         progress.update(len(skipped))
         fresh = {}
-        for name, pairs in self.payloads(kept, progress).items():
+        for i, (name, pairs) in enumerate(self.payloads(kept, progress).items()):
             target = self.targets[name]
-            record, vectors = self.describe(target, pairs, skipped, first=not fresh)
+            record, vectors = self.describe(target, pairs, skipped, first=i == 0)
             index = [e["index"] for e in record.examples]
             for spec in target.specs:
                 tensors = store.shard_tensors(
@@ -313,9 +313,9 @@ class Extractor:
         fresh = {}
         payloads = self.payloads(kept, progress)
         progress.close()
-        for name, pairs in payloads.items():
+        for i, (name, pairs) in enumerate(payloads.items()):
             target = self.targets[name]
-            record, vectors = self.describe(target, pairs, skipped, first=not fresh)
+            record, vectors = self.describe(target, pairs, skipped, first=i == 0)
             mean_record = store.ShardRecord(
                 [{"index": 0, "id": "mean", "tokens": 0, "label_tokens": 0, "grad_norm": 0.0,
                   "count": len(record.examples)}],
