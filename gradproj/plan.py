@@ -330,7 +330,8 @@ def read_results_table(path: Path) -> list[dict]:
     rows = []
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.lstrip().startswith("|") and len(cells) == len(RESULTS_COLUMNS):
+        header = tuple(cells) == RESULTS_COLUMNS or all(set(c) <= set("-:") for c in cells)
+        if line.lstrip().startswith("|") and len(cells) == len(RESULTS_COLUMNS) and not header:
             rows.append(dict(zip(RESULTS_COLUMNS, cells, strict=True)))
     return rows
 

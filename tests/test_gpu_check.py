@@ -2,6 +2,7 @@
 the table the GPU run writes, and `gradproj plan --calibration` reads that table."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -65,3 +66,14 @@ def test_steps_past_the_budget_are_recorded_and_the_table_is_still_written(tmp_p
     assert statuses(out) == dict.fromkeys(STEPS, "skipped (budget)")
     rows = read_results_table(out / "gpu_results.md")
     assert {r["status"] for r in rows if r["step"] != "calibration"} == {"skipped (budget)"}
+
+
+def test_every_gpu_test_file_is_in_the_scripts_list():
+    script = (REPO / "bench" / "gpu_all.sh").read_text()
+    (listed,) = re.findall(r"^GPU_TESTS=\((.*)\)$", script, flags=re.M)
+    marked = {
+        f"tests/{p.name}"
+        for p in (REPO / "tests").glob("test_*.py")
+        if "pytest.mark.gpu" in p.read_text() and p.name != "test_gpu_check.py"
+    }
+    assert set(listed.split()) == marked
