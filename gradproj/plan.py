@@ -213,6 +213,8 @@ def model_config(model: str):
 
     from gradproj import models
 
+    if model.startswith(models.BUNDLED_PREFIX):  # an unknown name is refused, naming the known
+        model = str(models.bundled_model_dir(model))
     local = Path(model).is_dir()
     hint = (
         f"--model {model}: {{}}; give the shape instead: --hidden_size H --layers L --params P "
@@ -223,7 +225,7 @@ def model_config(model: str):
     except (OSError, ValueError) as err:
         if local:
             raise UserError(hint.format(f"no config ({str(err).splitlines()[0][:120]})")) from None
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise UserError(hint.format("not a local folder or cached, and HF_HUB_OFFLINE=1"))
     if not hub_reachable():
         raise UserError(hint.format("not a local folder or cached, and the hub is unreachable"))
