@@ -12,6 +12,7 @@ TRAK does not scale by 1/sqrt(k): only its time is compared.
 """
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -37,9 +38,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ks", default="8192,16384,204800")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--roofline-batch", type=int, default=128)
+    parser.add_argument("--roofline-log2-dim", type=int, default=20, help="log2 of its D")
     parser.add_argument("--tokens", type=int, default=0, help="non-zero rows per example (0: all)")
     parser.add_argument("--max-entries", type=float, default=2**32, help="dense entries timed")
     parser.add_argument("--no-trak", action="store_true")
+    parser.add_argument("--json", help="also write the rows here, rewritten after each one")
     args = parser.parse_args()
     args.trak = not args.no_trak and trak_installed()
     return args
@@ -148,13 +151,20 @@ def measure_trak(proj_type, grads, device) -> float:
     return timed(lambda: projector.project(flat, model_id=0), device)
 
 
-def print_row(d, k, method, seconds, batch, rate, note):
+ROWS: list[dict] = []
+
+
+def print_row(d, k, method, seconds, batch, rate, note, json_path=None):
     per_example = seconds / batch
     roofline = ""
     if method in TYPES[:2]:
         share = 2 * batch * d * k / seconds / 1e9 / rate
         roofline = f"{100 * share:5.1f}%"
     print(f"| {d:>10} | {k:>8} | {method:<10} | {per_example:12.5f} | {roofline:>8} | {note} |")
+    if json_path:  # as it goes: a run stopped at its time limit keeps the rows it measured
+        ROWS.append({"d": d, "k": k, "method": method, "seconds": per_example, "batch": batch,
+                     "roofline": roofline.strip(), "note": note})  # fmt: skip
+        Path(json_path).write_text(json.dumps(ROWS, indent=1) + "\n")
 
 
 def main() -> None:
@@ -180,19 +190,21 @@ def main() -> None:
                 if proj_type == "normal" and k > 2**25:
                     continue
                 seconds, note = time_ours(proj_type, shape, grads, k, args.max_entries, device)
-                print_row(d_used, k, proj_type, seconds, args.batch, rate, note)
+                print_row(d_used, k, proj_type, seconds, args.batch, rate, note, args.json)
             for proj_type in ("rademacher", "normal"):
                 if not args.trak:
                     continue
                 seconds, note = time_trak(proj_type, grads, k, device)
-                print_row(d_used, k, f"trak-{proj_type[:3]}", seconds, args.batch, rate, note)
+                print_row(
+                    d_used, k, f"trak-{proj_type[:3]}", seconds, args.batch, rate, note, args.json
+                )
         del grads
     roofline_point(args, rate)
 
 
 def roofline_point(args, rate) -> None:
     """Dense rademacher at the roofline batch, D = 2**20 (all rows), k = 8192."""
-    d, k, batch = 2**20, 8192, args.roofline_batch
+    d, k, batch = 2**args.roofline_log2_dim, 8192, args.roofline_batch
     grads = make_grads(d, batch, args.tokens, args.device)
     d_used = grads[0].numel()
     seconds, note = time_ours(

@@ -161,11 +161,11 @@ def main() -> None:
         for k in (int(x) for x in args.dims.split(",")):
             results.append(bench_dim(args, k, work))
             print(json.dumps(results[-1]), flush=True)
+            if args.json:  # after each dim: a run stopped at a time limit keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ Conventions (docs/plan.md):
   other GPUs scale by their dense bf16 peak. Not measured with gradproj on a GPU.
 - Projection rates: bench/RESULTS.md (CPU: this repository's 2-core machine; GPU: H200, with the
   earlier, unfused sign kernel, at batch 128).
+- Measured rates replace these estimates where a results table of bench/gpu_all.sh is given
+  (--calibration) or recorded in the package (gradproj/gpu_results.md, once one exists); every
+  rate printed says whether it was measured or estimated, and where it came from.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +66,43 @@ PROJECTION_RATES = {
 }
 DENSE = ("rademacher", "normal")
 DEVICES = ("h100", "h200", "a100", "cpu")
+# The rates a calibration table gives, in the units above: FLOP/s, or seconds per coordinate.
+RATE_UNITS = {"gradient": "FLOP/s", "rademacher": "FLOP/s", "normal": "FLOP/s",
+              "sjlt": "s/coordinate", "kronecker": "s/coordinate"}  # fmt: skip
+# The columns of bench/gpu_all.sh's results table (gpu_results.md): calibration rows are
+# step "calibration", quantity a RATE_UNITS key, status "ok"; the row step "environment",
+# quantity "device kind" names the DEVICES entry it was measured on.
+RESULTS_COLUMNS = ("step", "quantity", "value", "unit", "status", "seconds", "note")
+# Figures measured by bench/gpu_all.sh and shipped with the package; used without --calibration.
+RECORDED_CALIBRATION = Path(__file__).with_name("gpu_results.md")
+
+# Shapes from the models' public config.json (hidden_size, num_hidden_layers) and their
+# parameter counts, so that the planner needs no network for them. Keys are lower case.
+KNOWN_SHAPES = {
+    **dict.fromkeys(
+        ["allenai/olmo-2-1124-7b", "allenai/olmo-2-1124-7b-sft", "allenai/olmo-2-1124-7b-dpo",
+         "allenai/olmo-2-1124-7b-instruct"],
+        (4096, 32, 7.30e9),
+    ),
+    **dict.fromkeys(
+        ["meta-llama/llama-3.1-8b", "meta-llama/llama-3.1-8b-instruct",
+         "meta-llama/meta-llama-3.1-8b", "meta-llama/meta-llama-3.1-8b-instruct"],
+        (4096, 32, 8.03e9),
+    ),
+    **dict.fromkeys(["meta-llama/llama-2-7b-hf", "meta-llama/llama-2-7b-chat-hf"],
+                    (4096, 32, 6.74e9)),
+    **dict.fromkeys(
+        ["mistralai/mistral-7b-v0.1", "mistralai/mistral-7b-instruct-v0.1",
+         "mistralai/mistral-7b-instruct-v0.2", "mistralai/mistral-7b-v0.3",
+         "mistralai/mistral-7b-instruct-v0.3"],
+        (4096, 32, 7.24e9),
+    ),
+    **dict.fromkeys(
+        ["huggingfacetb/smollm2-135m", "huggingfacetb/smollm2-135m-instruct",
+         "bundled:smollm2-135m-instruct"],
+        (576, 30, 134_515_008),
+    ),
+}  # fmt: skip
 
 
 @dataclass
@@ -84,6 +126,7 @@ class PlanConfig:
     gpus: int = 1
     proj_memory_gb: float | None = None
     original: bool = False
+    calibration: Path | None = None
 
     def __post_init__(self):
         self.validate()
@@ -118,6 +161,15 @@ class PlanConfig:
                 (self.n_examples is None) == (self.mean_tokens is None),
                 "give --n_examples and --mean_tokens together",
             ),
+            (self.n_examples is None or self.n_examples >= 1, "--n_examples must be at least 1"),
+            (
+                self.mean_tokens is None or self.mean_tokens > 0,
+                "--mean_tokens must be above 0 (tokens per example)",
+            ),
+            (
+                all(x is None or x > 0 for x in (self.hidden_size, self.layers, self.params)),
+                "--hidden_size, --layers and --params must be above 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,25 +184,19 @@ class Shape:
 
 
 def model_shape(cfg: PlanConfig) -> Shape:
-    """Hidden size, layers and parameters: given, or read from the model's config (parameters
-    counted on the meta device, so nothing is downloaded or allocated beyond the config)."""
+    """Hidden size, layers and parameters: given, known (KNOWN_SHAPES), or read from the
+    model's config (parameters counted on the meta device, so nothing is downloaded or
+    allocated beyond the config); each given one overrides the model's."""
     given = (cfg.hidden_size, cfg.layers, cfg.params)
     if None not in given:
         return Shape(*given)
+    known = KNOWN_SHAPES.get(cfg.model.lower())
+    if known is not None:
+        return Shape(*(g or k for g, k in zip(given, known, strict=True)))
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from gradproj import models
-
-    source = cfg.model
-    if source.startswith(models.BUNDLED_PREFIX):
-        source = str(models.bundled_model_dir(source.removeprefix(models.BUNDLED_PREFIX)))
-    try:
-        config = AutoConfig.from_pretrained(source, token=models.hf_token())
-    except OSError as err:
-        raise UserError(
-            f"--model {cfg.model}: no config found ({str(err).splitlines()[0]})"
-        ) from None
+    config = model_config(cfg.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return Shape(
@@ -160,25 +206,75 @@ def model_shape(cfg: PlanConfig) -> Shape:
     )
 
 
+def model_config(model: str):
+    """The model's config from a local folder or the hub cache; the hub only when it answers
+    at once (its client retries for half a minute when offline)."""
+    from transformers import AutoConfig
+
+    from gradproj import models
+
+    if model.startswith(models.BUNDLED_PREFIX):  # an unknown name is refused, naming the known
+        model = str(models.bundled_model_dir(model))
+    local = Path(model).is_dir()
+    hint = (
+        f"--model {model}: {{}}; give the shape instead: --hidden_size H --layers L --params P "
+        "(e.g. 4096 32 7.3e9 for OLMo-2-7B; docs/plan.md)"
+    )
+    try:
+        return AutoConfig.from_pretrained(model, token=models.hf_token(), local_files_only=True)
+    except (OSError, ValueError) as err:
+        if local:
+            raise UserError(hint.format(f"no config ({str(err).splitlines()[0][:120]})")) from None
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise UserError(hint.format("not a local folder or cached, and HF_HUB_OFFLINE=1"))
+    if not hub_reachable():
+        raise UserError(hint.format("not a local folder or cached, and the hub is unreachable"))
+    try:
+        return AutoConfig.from_pretrained(model, token=models.hf_token())
+    except (OSError, ValueError) as err:
+        reason = f"no config found ({str(err).splitlines()[0][:120]})"
+        raise UserError(hint.format(reason)) from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def token_lengths(cfg: PlanConfig) -> list[float]:
     """Each example's token count: from --dataset (tokenized as the extraction does; examples
     it would skip left out), --lengths (a run directory, its manifest.json, or a text file with
     one count per line), or n_examples x mean_tokens."""
     if cfg.dataset is not None:
-        return dataset_lengths(cfg)
-    if cfg.lengths is None:
+        lengths, source = dataset_lengths(cfg), f"--dataset {cfg.dataset} ({cfg.dataset_split})"
+    elif cfg.lengths is None:
         return [cfg.mean_tokens] * cfg.n_examples
-    path = Path(cfg.lengths)
-    path = path / "manifest.json" if path.is_dir() else path
+    else:
+        lengths, source = file_lengths(Path(cfg.lengths)), f"--lengths {cfg.lengths}"
+    if not lengths:
+        raise UserError(f"{source}: no examples to plan for; give a split with examples")
+    if min(lengths) <= 0:
+        raise UserError(f"{source}: token counts must be above 0, found {min(lengths):g}")
+    return lengths
+
+
+def file_lengths(path: Path) -> list[float]:
+    manifest = path / "manifest.json" if path.is_dir() else path
     try:
-        text = path.read_text()
-        if path.suffix == ".json":
+        text = manifest.read_text()
+        if manifest.suffix == ".json":
             return [e["tokens"] for e in json.loads(text)["examples"]]
         return [float(line) for line in text.split()]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(
-            f"--lengths {cfg.lengths}: not a run or a list of token counts ({err})"
-        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"--lengths {path}: not a run or a list of token counts ({err})") from None
 
 
 def dataset_lengths(cfg: PlanConfig) -> list[int]:
@@ -194,20 +290,108 @@ def dataset_lengths(cfg: PlanConfig) -> list[int]:
     return [ex.length for ex in examples if data.label_positions(ex, cfg.paradigm)]
 
 
-def gradient_rate(gpu: str) -> float:
-    """FLOP/s of the gradient computation on one device of this kind."""
+@dataclass
+class Rate:
+    """One rate the plan uses: FLOP/s, or seconds per gradient coordinate (RATE_UNITS), and
+    where it came from."""
+
+    value: float
+    origin: str
+
+
+def estimated_rates(gpu: str) -> dict[str, Rate]:
+    """The rates without a calibration table: the module docstring's sources."""
     if gpu == "cpu":
-        return CPU_GRADIENT_FLOPS
-    return H100_FLOPS * PEAK_BF16_TFLOPS[gpu] / PEAK_BF16_TFLOPS["h100"]
+        origin = "measured: bench/RESULTS.md, this repository's 2-core CPU"
+        return {
+            "gradient": Rate(CPU_GRADIENT_FLOPS, f"{origin} (61% of its fp32 matmul rate)"),
+            **{t: Rate(v, origin) for t, v in PROJECTION_RATES["cpu"].items()},
+        }
+    scale = PEAK_BF16_TFLOPS[gpu] / PEAK_BF16_TFLOPS["h100"]
+    scaled = "" if scale == 1 else f", scaled by bf16 peak to {gpu}"
+    gradient = (
+        "estimated: calibrated on the original study's reported 53 h (OLMo-2-7B, one H100)"
+        f"{scaled}; gradproj not yet timed on a GPU"
+    )
+    projection = f"estimated: an H200 with an earlier, unfused kernel (bench/RESULTS.md){scaled}"
+    return {
+        "gradient": Rate(H100_FLOPS * scale, gradient),
+        **{
+            t: Rate(v * scale if RATE_UNITS[t] == "FLOP/s" else v / scale, projection)
+            for t, v in PROJECTION_RATES["h200"].items()
+        },
+    }
 
 
-def projection_seconds(gpu: str, proj_type: str, coordinates: float, k: int) -> float:
+def read_results_table(path: Path) -> list[dict]:
+    """The rows of a bench/gpu_all.sh results table (RESULTS_COLUMNS), any other lines skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise UserError(f"--calibration {path}: cannot read it ({err.strerror})") from None
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        header = tuple(cells) == RESULTS_COLUMNS or all(set(c) <= set("-:") for c in cells)
+        if line.lstrip().startswith("|") and len(cells) == len(RESULTS_COLUMNS) and not header:
+            rows.append(dict(zip(RESULTS_COLUMNS, cells, strict=True)))
+    return rows
+
+
+def calibration_rates(path: Path, gpu: str) -> dict[str, Rate]:
+    """The measured rates of a results table, for `gpu`: as measured on the same kind, scaled
+    by bf16 peak from another GPU kind; a CPU table plans only the CPU, and the reverse."""
+    rows = read_results_table(path)
+    kind = next(
+        (r["value"] for r in rows if (r["step"], r["quantity"]) == ("environment", "device kind")),
+        None,
+    )
+    if kind not in DEVICES:
+        raise UserError(
+            f"--calibration {path}: no 'device kind' row naming one of {', '.join(DEVICES)}; "
+            "give the gpu_results.md that bench/gpu_all.sh wrote"
+        )
+    if (kind == "cpu") != (gpu == "cpu"):
+        raise UserError(
+            f"--calibration {path} was measured on {kind}: plan with --gpu {kind}"
+            + ("" if kind == "cpu" else " (or another GPU kind)")
+        )
+    scale = 1.0 if kind == gpu else PEAK_BF16_TFLOPS[gpu] / PEAK_BF16_TFLOPS[kind]
+    rates = {}
+    for r in rows:
+        if r["step"] != "calibration" or r["status"] != "ok" or r["quantity"] not in RATE_UNITS:
+            continue
+        try:
+            value = float(r["value"])
+        except ValueError:
+            continue
+        name = r["quantity"]
+        value = value * scale if RATE_UNITS[name] == "FLOP/s" else value / scale
+        how = "measured" if scale == 1 else f"scaled by bf16 peak from {kind}, measured"
+        rates[name] = Rate(value, f"{how}: {path} ({r['note']})")
+    return rates
+
+
+def device_rates(cfg: PlanConfig) -> dict[str, Rate]:
+    """Estimated rates, replaced by the measured ones of --calibration or of the package's
+    recorded table (if any and if for a comparable device)."""
+    rates = estimated_rates(cfg.gpu)
+    if cfg.calibration is not None:
+        rates.update(calibration_rates(cfg.calibration, cfg.gpu))
+    elif RECORDED_CALIBRATION.is_file():
+        try:
+            rates.update(calibration_rates(RECORDED_CALIBRATION, cfg.gpu))
+        except UserError:  # measured on another kind of device: the estimates stand
+            pass
+    return rates
+
+
+def projection_seconds(rates: dict[str, Rate], proj_type: str, coordinates: float, k: int):
     """Seconds to project gradients with this many coordinates in all to k dims."""
-    rates = PROJECTION_RATES["cpu" if gpu == "cpu" else "h200"]
-    scale = 1.0 if gpu in ("cpu", "h200", "h100") else PEAK_BF16_TFLOPS[gpu] / 989.0
+    rate = rates[proj_type].value
     if proj_type in DENSE:
-        return 2 * coordinates * k / (rates[proj_type] * scale)
-    return coordinates * rates[proj_type] / scale
+        return 2 * coordinates * k / rate
+    return coordinates * rate
 
 
 def block_gib(cfg: PlanConfig, proj_type: str, hidden: int) -> float:
@@ -234,7 +418,7 @@ def original_hours(cfg: PlanConfig, shape: Shape, n: int, output) -> float:
     intercept = low - slope * 16384
     original_flops = gradient_flops(**ORIGINAL_MODEL, tokens=ORIGINAL_SEQ)
     flops = gradient_flops(shape.params, shape.layers, shape.hidden_size, cfg.max_seq_length)
-    device = gradient_rate(cfg.gpu) / H100_FLOPS
+    device = estimated_rates(cfg.gpu)["gradient"].value / H100_FLOPS
     work = flops / original_flops / device
     coordinates = (
         cfg.max_seq_length
@@ -256,8 +440,9 @@ def plan(cfg: PlanConfig) -> dict:
     flops = sum(gradient_flops(shape.params, shape.layers, shape.hidden_size, t) for t in tokens)
     outputs = [d if d == "full" else (t, d) for t in cfg.types for d in cfg.dims]
     outputs = list(dict.fromkeys(outputs))
+    rates = device_rates(cfg)
     projection = {
-        out: projection_seconds(cfg.gpu, out[0], coordinates, out[1])
+        out: projection_seconds(rates, out[0], coordinates, out[1])
         for out in outputs
         if out != "full"
     }
@@ -267,7 +452,8 @@ def plan(cfg: PlanConfig) -> dict:
         "tokens": total,
         "padded_tokens": n * cfg.max_seq_length,
         "flops": flops,
-        "gradient_hours": flops / gradient_rate(cfg.gpu) / 3600 / cfg.gpus,
+        "gradient_hours": flops / rates["gradient"].value / 3600 / cfg.gpus,
+        "rates": {name: rates[name] for name in ("gradient", *cfg.types)},
         "projection_hours": {out: s / 3600 / cfg.gpus for out, s in projection.items()},
         "disk_bytes": {
             "full fp32": coordinates * 4 + 16 * n,
@@ -334,22 +520,15 @@ def print_plan(cfg: PlanConfig) -> None:
             f"  total: {_hours(sum(r['original_hours'].values()))}",
             *(f"  disk {name}: {_size(b)}" for name, b in r["original_disk_bytes"].items()),
         ]
-    lines += ["", *ASSUMPTIONS[cfg.gpu == "cpu"]]
+    lines += ["", f"rates on one {cfg.gpu} (measured or estimated, and where from):"]
+    for name, rate in r["rates"].items():
+        unit = RATE_UNITS[name]
+        value = f"{rate.value:.3e} {unit}"
+        if unit == "FLOP/s":
+            value = f"{rate.value / 1e12:,.2f} TFLOP/s"
+        lines.append(f"  {name}: {value} ({rate.origin})")
     print("\n".join(lines))
 
-
-ASSUMPTIONS = {
-    False: [
-        "assumptions: gradient rate calibrated on the original study's 53 h (381,000 examples",
-        f"padded to 4096 tokens, OLMo-2-7B, one H100): {H100_FLOPS / 1e12:.0f} TFLOP/s on an H100,",
-        "scaled by dense bf16 peak for other GPUs; projection rates measured on an H200 with an",
-        "earlier, unfused kernel (bench/RESULTS.md). gradproj itself is not yet timed on a GPU.",
-    ],
-    True: [
-        "assumptions: rates measured on the 2-core CPU of bench/RESULTS.md (gradients at 61% of",
-        "its 205.6 GFLOP/s fp32 matmul rate); a bigger node is faster in proportion to its rate.",
-    ],
-}
 
 PLAN_OPTIONS = {
     "model": dict(help="hub id, local directory or bundled:<name> (its config is read)"),
@@ -369,4 +548,7 @@ PLAN_OPTIONS = {
     "gpus": dict(help="devices sharing the split (a SLURM job array)"),
     "proj_memory_gb": dict(help="projection memory budget (default: as gradproj extract)"),
     "original": dict(help="also print what the original pipeline would take for the same work"),
+    "calibration": dict(
+        help="a gpu_results.md of bench/gpu_all.sh: its measured rates replace the estimates"
+    ),
 }

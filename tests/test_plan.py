@@ -1,6 +1,12 @@
 """`gradproj plan` against figures computed by hand for the original study's setting:
 OLMo-2-7B (hidden 4096, 32 layers, 7.3e9 parameters), 381,000 examples, one H100."""
 
+import json
+import re
+import shlex
+import socket
+from pathlib import Path
+
 import pytest
 
 from gradproj import cli
@@ -83,7 +89,7 @@ def test_plan_prints_every_figure(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     for needle in ("gradients: 53.0 h", "rademacher_2048000: 5,088.0 h (212.0 days)",
-                   "full fp32: 25.6 TB", "assumptions:"):  # fmt: skip
+                   "full fp32: 25.6 TB", "gradient: 273.96 TFLOP/s (estimated: "):  # fmt: skip
         assert needle in out, needle
 
 
@@ -109,3 +115,138 @@ def test_missing_model_shape_is_a_one_line_error(capsys):
     assert "--model" in line
     line = user_error_line(cli.main, ["plan", "--model", "m", "--n_examples", "3"], capsys)
     assert "--mean_tokens" in line
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network call: {args}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_readme_plan_command_runs_offline_without_a_network_call(no_network, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (command,) = re.findall(r"^gradproj plan .*$", readme, flags=re.M)
+    argv = shlex.split(command)[1:]
+    assert "allenai/OLMo-2-1124-7B-SFT" in argv
+    assert cli.main(argv) == 0
+    assert "model: hidden 4096, 32 layers, 7,300,000,000 parameters" in capsys.readouterr().out
+
+
+def test_known_models_need_no_config_and_given_values_override(no_network):
+    r = plan(PlanConfig(model="bundled:smollm2-135m-instruct", n_examples=1, mean_tokens=10))
+    assert (r["shape"].hidden_size, r["shape"].layers, r["shape"].params) == (576, 30, 134_515_008)
+    r = plan(PlanConfig(model="meta-llama/Llama-3.1-8B", layers=2, n_examples=1, mean_tokens=9))
+    assert (r["shape"].hidden_size, r["shape"].layers, r["shape"].params) == (4096, 2, 8.03e9)
+
+
+def test_known_bundled_shape_is_its_config(tiny_llama):
+    """The bundled entry of KNOWN_SHAPES against the bundled model's own config, where the
+    converted model is in the cache (tests never convert it)."""
+    from gradproj import models
+
+    folder = models.cache_dir() / "bundled" / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        pytest.skip("the bundled model is not converted in this cache")
+    from_config = plan(PlanConfig(model=str(folder), n_examples=1, mean_tokens=1))["shape"]
+    known = plan(PlanConfig(model="bundled:smollm2-135m-instruct", n_examples=1, mean_tokens=1))
+    assert known["shape"] == from_config
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_unknown_hub_model_without_network_fails_at_once_with_the_offline_form(
+    offline, monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # nothing cached
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        attempts = []
+
+        def unreachable(*args, **kwargs):
+            attempts.append(args)
+            raise OSError("unreachable")
+
+        monkeypatch.setattr(socket, "create_connection", unreachable)
+    argv = ["plan", "--model", "someone/unknown-7b", "--n_examples", "3", "--mean_tokens", "5"]
+    line = user_error_line(cli.main, argv, capsys)
+    assert "--hidden_size H --layers L --params P" in line
+    assert ("HF_HUB_OFFLINE=1" if offline else "unreachable") in line
+    if not offline:
+        assert len(attempts) == 1  # one short try, no retries
+
+
+SHAPE = ["--hidden_size", "8", "--layers", "1", "--params", "100"]
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (["--n_examples", "0", "--mean_tokens", "5"], "--n_examples must be at least 1"),
+        (["--n_examples", "3", "--mean_tokens", "-5"], "--mean_tokens must be above 0"),
+        (["--n_examples", "3", "--mean_tokens", "0"], "--mean_tokens must be above 0"),
+        (["--lengths", "EMPTY"], "no examples to plan for"),
+        (["--lengths", "RUN"], "no examples to plan for"),
+        (["--lengths", "NEGATIVE"], "token counts must be above 0"),
+    ],
+)
+def test_empty_or_negative_data_is_a_one_line_error(data, needle, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "negative.txt").write_text("5\n-3\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"examples": []}))
+    files = {"EMPTY": "empty.txt", "RUN": "run", "NEGATIVE": "negative.txt"}
+    data = [str(tmp_path / files[x]) if x in files else x for x in data]
+    line = user_error_line(cli.main, ["plan", *SHAPE, *data], capsys)
+    assert needle in line
+
+
+TABLE = """| step | quantity | value | unit | status | seconds | note |
+|---|---|---|---|---|---|---|
+| environment | device kind | {kind} | | ok | | NVIDIA H200 |
+| calibration | gradient | 2.0e14 | FLOP/s | ok | | extract_calibration |
+| calibration | sjlt | 1e-10 | s/coordinate | ok | | projection |
+| calibration | normal | 5e13 | FLOP/s | failed | | projection |
+"""
+
+
+def test_calibration_replaces_the_estimates_it_measures_and_says_so(tmp_path, capsys):
+    """Measured gradient and sjlt rates replace the estimates (scaled by peak on another GPU
+    kind); a failed row does not; every rate says where it came from."""
+    table = tmp_path / "gpu_results.md"
+    table.write_text(TABLE.format(kind="h200"))
+    base = dict(**OLMO, mean_tokens=1000, proj_dim="8192", proj_type="sjlt,normal")
+    estimated = plan(PlanConfig(**base, gpu="h200"))
+    measured = plan(PlanConfig(**base, gpu="h200", calibration=table))
+    flops = measured["flops"]
+    assert measured["gradient_hours"] == approx(flops / 2.0e14 / 3600)
+    coordinates = measured["tokens"] * 4096
+    assert measured["projection_hours"][("sjlt", 8192)] == approx(coordinates * 1e-10 / 3600)
+    assert measured["projection_hours"][("normal", 8192)] == approx(
+        estimated["projection_hours"][("normal", 8192)]
+    )
+    a100 = plan(PlanConfig(**base, gpu="a100", calibration=table))
+    assert a100["gradient_hours"] == approx(flops / (2.0e14 * 312 / 989) / 3600)
+    argv = ["plan", *SHAPE, "--n_examples", "2", "--mean_tokens", "4", "--gpu", "h200",
+            "--proj_type", "sjlt,normal", "--calibration", str(table)]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"gradient: 200.00 TFLOP/s (measured: {table} (extract_calibration))" in out
+    assert f"sjlt: 1.000e-10 s/coordinate (measured: {table} (projection))" in out
+    assert "normal: 4.30 TFLOP/s (estimated: " in out
+
+
+def test_calibration_of_another_device_class_is_a_one_line_error(tmp_path, capsys):
+    table = tmp_path / "gpu_results.md"
+    table.write_text(TABLE.format(kind="cpu"))
+    argv = ["plan", *SHAPE, "--n_examples", "2", "--mean_tokens", "4", "--calibration", str(table)]
+    assert "measured on cpu: plan with --gpu cpu" in user_error_line(cli.main, argv, capsys)
+    table.write_text("no table here\n")
+    assert "no 'device kind' row" in user_error_line(cli.main, argv, capsys)
