@@ -1,0 +1,128 @@
+"""gradproj query: the same top-k, ids and scores, to the last bit, as extract + score."""
+
+import io
+import json
+
+import pytest
+
+from gradproj.cli import extract_main, main, score_main
+from gradproj.query import QueryConfig, run_query
+from tests.conftest import conversations, user_error_line, write_jsonl
+
+MAX_LEN = 40
+TOP_K = 4
+
+
+@pytest.fixture(scope="module")
+def study(tiny_llama, tmp_path_factory) -> dict:
+    """Train and test runs (full, rademacher_16) and their scores, as a user would make them."""
+    root = tmp_path_factory.mktemp("query")
+    test_rows = [r | {"id": f"q_{i}"} for i, r in enumerate(conversations(5))]
+    files = {
+        "train": write_jsonl(root / "train_set.jsonl", conversations(11, long_every=5)),
+        "test": write_jsonl(root / "test_set.jsonl", test_rows),
+    }
+    runs = {}
+    for role, dataset in files.items():
+        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(root / "g"),
+                "--max_seq_length", str(MAX_LEN), "--gradients_per_file", "3",
+                "--random_projection", "--proj_dim", "full,16"]  # fmt: skip
+        assert extract_main(argv) == 0
+        for variant in ("full", "rademacher_16"):
+            runs[role, variant] = root / "g" / variant / tiny_llama.name / dataset.stem / "train/0"
+    for variant in ("full", "rademacher_16"):
+        out = root / "scores" / variant
+        argv = ["--train", str(runs["train", variant]), "--test", str(runs["test", variant]),
+                "--output", str(out), "--top_k", str(TOP_K)]  # fmt: skip
+        assert score_main(argv) == 0
+        runs["scores", variant] = out
+    return runs | {"test_rows": test_rows, "train_file": files["train"]}
+
+
+def topk_of(score_dir, test_id: str) -> dict:
+    for line in (score_dir / "topk.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["test_id"] == test_id:
+            return record
+    raise AssertionError(f"{test_id} not in {score_dir}")
+
+
+@pytest.mark.parametrize("variant", ["full", "rademacher_16"])
+def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(study, variant, tmp_path):
+    queries = write_jsonl(tmp_path / "q.jsonl", study["test_rows"][1:4])
+    cfg = QueryConfig(train=str(study["train", variant]), messages=str(queries), top_k=TOP_K)
+    results = run_query(cfg)
+    assert [r["query_id"] for r in results] == ["q_1", "q_2", "q_3"]
+    for result in results:
+        expected = topk_of(study["scores", variant], result["query_id"])
+        for name in ("dot", "cosine"):
+            pros, cons = result[name]["proponents"], result[name]["opponents"]
+            assert [e["id"] for e in pros] == expected[name]["top_ids"]
+            assert [e["id"] for e in cons] == expected[name]["bottom_ids"]
+            # fp32 scores written as JSON floats by both: equal floats are equal bits
+            assert [e[name] for e in pros] == expected[name]["top_scores"]
+            assert [e[name] for e in cons] == expected[name]["bottom_scores"]
+            assert [e["rank"] for e in pros] == list(range(1, TOP_K + 1))
+            assert [e["rank"] for e in cons] == [9, 8, 7, 6]  # of 9 scored (2 skipped)
+
+
+def test_json_output_round_trips_and_carries_the_train_texts(study, capsys):
+    row = study["test_rows"][2]
+    user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
+    train = str(study["train", "rademacher_16"])
+    argv = ["query", "--train", train, "--prompt", user, "--response", assistant,
+            "--format", "json", "--top_k", "3", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    again = run_query(QueryConfig(train=train, prompt=user, response=assistant, top_k=3))
+    assert printed == json.loads(json.dumps(again))
+    assert printed[0]["query_id"] == "query_0"
+    train_rows = {r["id"]: r for r in map(json.loads, study["train_file"].read_text().splitlines())}
+    first = printed[0]["cosine"]["proponents"][0]
+    texts = [m["content"] for m in train_rows[first["id"]]["messages"]]
+    assert first["text"] == "\n".join(texts)
+    assert set(first) == {"rank", "id", "dot", "cosine", "text"}
+
+
+def test_table_reads_stdin_and_lists_both_kinds(study, capsys, monkeypatch):
+    line = json.dumps(study["test_rows"][0]) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(line))
+    argv = ["query", "--train", str(study["train", "full"]), "--messages", "-", "--func", "dot"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("query q_0: ")
+    assert "proponents by dot:" in out and "opponents by dot:" in out
+    assert "cosine by" not in out and len(out.splitlines()) == 1 + 2 * (2 + 9)
+
+
+def test_query_without_an_assistant_token_left_is_refused(study, capsys):
+    train = str(study["train", "rademacher_16"])
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 20)
+    argv = ["query", "--train", train, "--prompt", long_prompt, "--response", "Paris."]
+    line = user_error_line(main, argv, capsys)
+    assert "query 'query_0' cannot be explained: no label token within max_seq_length=40" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--prompt", "hi"], "--prompt and --response go together"),
+        (["--messages", "x.jsonl", "--prompt", "a", "--response", "b"], "not both"),
+        (["--messages", "missing.jsonl"], "--messages missing.jsonl: cannot read it"),
+    ],
+)
+def test_bad_queries_are_refused_before_the_model_loads(study, argv, expected, capsys):
+    line = user_error_line(main, ["query", "--train", str(study["train", "full"]), *argv], capsys)
+    assert expected in line
+
+
+def test_a_query_without_an_answer_and_a_moved_dataset_are_refused(study, tmp_path, capsys):
+    train = str(study["train", "full"])
+    unanswered = {"messages": [{"role": "user", "content": "x"}]}
+    no_answer = write_jsonl(tmp_path / "q.jsonl", [unanswered])
+    line = user_error_line(main, ["query", "--train", train, "--messages", str(no_answer)], capsys)
+    assert "query 1: no assistant turn" in line
+    other = write_jsonl(tmp_path / "other.jsonl", conversations(11)[::-1])
+    argv = ["query", "--train", train, "--prompt", "a", "--response", "b", "--dataset", str(other)]
+    line = user_error_line(main, argv, capsys)
+    assert "does not hold the train run's example" in line
