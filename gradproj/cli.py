@@ -400,8 +400,10 @@ def run_compare(args: argparse.Namespace) -> int:
     from gradproj.analysis import CompareConfig, compare_projections
 
     config = CompareConfig(**vars(args) | {"top_ks": tuple(args.top_ks)})
-    compare_projections(config)
+    comparison = compare_projections(config)
     print(f"wrote {config.output / 'report.md'}")
+    if comparison.explanations:
+        print(f"wrote {comparison.explanations}")
     return 0
 
 

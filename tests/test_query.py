@@ -5,38 +5,10 @@ import json
 
 import pytest
 
-from gradproj.cli import extract_main, main, score_main
+from gradproj.cli import main
 from gradproj.query import QueryConfig, run_query
+from tests.conftest import STUDY_TOP_K as TOP_K
 from tests.conftest import conversations, user_error_line, write_jsonl
-
-MAX_LEN = 40
-TOP_K = 4
-
-
-@pytest.fixture(scope="module")
-def study(tiny_llama, tmp_path_factory) -> dict:
-    """Train and test runs (full, rademacher_16) and their scores, as a user would make them."""
-    root = tmp_path_factory.mktemp("query")
-    test_rows = [r | {"id": f"q_{i}"} for i, r in enumerate(conversations(5))]
-    files = {
-        "train": write_jsonl(root / "train_set.jsonl", conversations(11, long_every=5)),
-        "test": write_jsonl(root / "test_set.jsonl", test_rows),
-    }
-    runs = {}
-    for role, dataset in files.items():
-        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(root / "g"),
-                "--max_seq_length", str(MAX_LEN), "--gradients_per_file", "3",
-                "--random_projection", "--proj_dim", "full,16"]  # fmt: skip
-        assert extract_main(argv) == 0
-        for variant in ("full", "rademacher_16"):
-            runs[role, variant] = root / "g" / variant / tiny_llama.name / dataset.stem / "train/0"
-    for variant in ("full", "rademacher_16"):
-        out = root / "scores" / variant
-        argv = ["--train", str(runs["train", variant]), "--test", str(runs["test", variant]),
-                "--output", str(out), "--top_k", str(TOP_K)]  # fmt: skip
-        assert score_main(argv) == 0
-        runs["scores", variant] = out
-    return runs | {"test_rows": test_rows, "train_file": files["train"]}
 
 
 def topk_of(score_dir, test_id: str) -> dict:
@@ -48,13 +20,13 @@ def topk_of(score_dir, test_id: str) -> dict:
 
 
 @pytest.mark.parametrize("variant", ["full", "rademacher_16"])
-def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(study, variant, tmp_path):
-    queries = write_jsonl(tmp_path / "q.jsonl", study["test_rows"][1:4])
-    cfg = QueryConfig(train=str(study["train", variant]), messages=str(queries), top_k=TOP_K)
+def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(tiny_study, variant, tmp_path):
+    queries = write_jsonl(tmp_path / "q.jsonl", tiny_study["test_rows"][1:4])
+    cfg = QueryConfig(train=str(tiny_study["train", variant]), messages=str(queries), top_k=TOP_K)
     results = run_query(cfg)
     assert [r["query_id"] for r in results] == ["q_1", "q_2", "q_3"]
     for result in results:
-        expected = topk_of(study["scores", variant], result["query_id"])
+        expected = topk_of(tiny_study["scores", variant], result["query_id"])
         for name in ("dot", "cosine"):
             pros, cons = result[name]["proponents"], result[name]["opponents"]
             assert [e["id"] for e in pros] == expected[name]["top_ids"]
@@ -66,10 +38,10 @@ def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(study, variant,
             assert [e["rank"] for e in cons] == [9, 8, 7, 6]  # of 9 scored (2 skipped)
 
 
-def test_json_output_round_trips_and_carries_the_train_texts(study, capsys):
-    row = study["test_rows"][2]
+def test_json_output_round_trips_and_carries_the_train_texts(tiny_study, capsys):
+    row = tiny_study["test_rows"][2]
     user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
-    train = str(study["train", "rademacher_16"])
+    train = str(tiny_study["train", "rademacher_16"])
     argv = ["query", "--train", train, "--prompt", user, "--response", assistant,
             "--format", "json", "--top_k", "3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
@@ -77,17 +49,19 @@ def test_json_output_round_trips_and_carries_the_train_texts(study, capsys):
     again = run_query(QueryConfig(train=train, prompt=user, response=assistant, top_k=3))
     assert printed == json.loads(json.dumps(again))
     assert printed[0]["query_id"] == "query_0"
-    train_rows = {r["id"]: r for r in map(json.loads, study["train_file"].read_text().splitlines())}
+    lines = tiny_study["train_file"].read_text().splitlines()
+    train_rows = {r["id"]: r for r in map(json.loads, lines)}
     first = printed[0]["cosine"]["proponents"][0]
     texts = [m["content"] for m in train_rows[first["id"]]["messages"]]
     assert first["text"] == "\n".join(texts)
     assert set(first) == {"rank", "id", "dot", "cosine", "text"}
 
 
-def test_table_reads_stdin_and_lists_both_kinds(study, capsys, monkeypatch):
-    line = json.dumps(study["test_rows"][0]) + "\n"
+def test_table_reads_stdin_and_lists_both_kinds(tiny_study, capsys, monkeypatch):
+    line = json.dumps(tiny_study["test_rows"][0]) + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(line))
-    argv = ["query", "--train", str(study["train", "full"]), "--messages", "-", "--func", "dot"]
+    train = str(tiny_study["train", "full"])
+    argv = ["query", "--train", train, "--messages", "-", "--func", "dot"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("query q_0: ")
@@ -95,8 +69,8 @@ def test_table_reads_stdin_and_lists_both_kinds(study, capsys, monkeypatch):
     assert "cosine by" not in out and len(out.splitlines()) == 1 + 2 * (2 + 9)
 
 
-def test_query_without_an_assistant_token_left_is_refused(study, capsys):
-    train = str(study["train", "rademacher_16"])
+def test_query_without_an_assistant_token_left_is_refused(tiny_study, capsys):
+    train = str(tiny_study["train", "rademacher_16"])
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 20)
     argv = ["query", "--train", train, "--prompt", long_prompt, "--response", "Paris."]
     line = user_error_line(main, argv, capsys)
@@ -111,13 +85,14 @@ def test_query_without_an_assistant_token_left_is_refused(study, capsys):
         (["--messages", "missing.jsonl"], "--messages missing.jsonl: cannot read it"),
     ],
 )
-def test_bad_queries_are_refused_before_the_model_loads(study, argv, expected, capsys):
-    line = user_error_line(main, ["query", "--train", str(study["train", "full"]), *argv], capsys)
+def test_bad_queries_are_refused_before_the_model_loads(tiny_study, argv, expected, capsys):
+    train = str(tiny_study["train", "full"])
+    line = user_error_line(main, ["query", "--train", train, *argv], capsys)
     assert expected in line
 
 
-def test_a_query_without_an_answer_and_a_moved_dataset_are_refused(study, tmp_path, capsys):
-    train = str(study["train", "full"])
+def test_a_query_without_an_answer_and_a_moved_dataset_are_refused(tiny_study, tmp_path, capsys):
+    train = str(tiny_study["train", "full"])
     unanswered = {"messages": [{"role": "user", "content": "x"}]}
     no_answer = write_jsonl(tmp_path / "q.jsonl", [unanswered])
     line = user_error_line(main, ["query", "--train", train, "--messages", str(no_answer)], capsys)
