@@ -164,6 +164,7 @@ def text_file(tmp_path) -> Path:
 
 
 STUDY_TOP_K = 4
+VARIANTS = ("full", "rademacher_16")
 
 
 @pytest.fixture(scope="session")
@@ -180,18 +181,28 @@ def tiny_study(tiny_llama, tmp_path_factory) -> dict:
         "train": write_jsonl(root / "train_set.jsonl", conversations(11, long_every=5)),
         "test": write_jsonl(root / "test_set.jsonl", test_rows),
     }
-    study = {"test_rows": test_rows, "train_file": files["train"]}
-    for role, dataset in files.items():
-        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(root / "g"),
+
+    def extract(dataset: Path, output: Path) -> dict[str, Path]:
+        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(output),
                 "--max_seq_length", "40", "--gradients_per_file", "3",
-                "--random_projection", "--proj_dim", "full,16"]  # fmt: skip
+                "--random_projection", "--proj_dim", "full,8,16"]  # fmt: skip
         assert extract_main(argv) == 0
-        for variant in ("full", "rademacher_16"):
-            study[role, variant] = root / "g" / variant / tiny_llama.name / dataset.stem / "train/0"
-    for variant in ("full", "rademacher_16"):
-        out = root / "scores" / variant
-        argv = ["--train", str(study["train", variant]), "--test", str(study["test", variant]),
-                "--output", str(out), "--top_k", str(STUDY_TOP_K)]  # fmt: skip
+        return {v: output / v / tiny_llama.name / dataset.stem / "train/0" for v in VARIANTS}
+
+    def score(train: Path, test: Path, out: Path) -> Path:
+        argv = ["--train", str(train), "--test", str(test), "--output", str(out),
+                "--top_k", str(STUDY_TOP_K)]  # fmt: skip
         assert score_main(argv) == 0
-        study["scores", variant] = out
+        return out
+
+    study = {"test_rows": test_rows, "train_file": files["train"], "extract": extract}
+    runs = {role: extract(dataset, root / "g") for role, dataset in files.items()}
+    study["score"] = lambda test_run, out, variant: score(runs["train"][variant], test_run, out)
+    for variant in VARIANTS:
+        study["train", variant], study["test", variant] = (
+            runs["train"][variant],
+            runs["test"][variant],
+        )
+        out = root / "scores" / variant
+        study["scores", variant] = score(runs["train"][variant], runs["test"][variant], out)
     return study

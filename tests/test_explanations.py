@@ -7,9 +7,7 @@ import re
 from gradproj.analysis.explanations import PAGE, SHOWN, page_data, render
 from gradproj.cli import compare_main
 from tests.browser import chromium  # noqa: F401
-from tests.conftest import STUDY_TOP_K
-
-VARIANTS = ("full", "rademacher_16")
+from tests.conftest import STUDY_TOP_K, VARIANTS
 
 
 def embedded(html: str) -> dict:

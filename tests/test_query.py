@@ -21,12 +21,16 @@ def topk_of(score_dir, test_id: str) -> dict:
 
 @pytest.mark.parametrize("variant", ["full", "rademacher_16"])
 def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(tiny_study, variant, tmp_path):
+    """Several queries of one file against extract + score of that file (a query's batch mates
+    pad it, which moves the last bits of a real model's gradient: compare like with like)."""
     queries = write_jsonl(tmp_path / "q.jsonl", tiny_study["test_rows"][1:4])
     cfg = QueryConfig(train=str(tiny_study["train", variant]), messages=str(queries), top_k=TOP_K)
     results = run_query(cfg)
     assert [r["query_id"] for r in results] == ["q_1", "q_2", "q_3"]
+    test_run = tiny_study["extract"](queries, tmp_path / "g")[variant]
+    score_dir = tiny_study["score"](test_run, tmp_path / "scores", variant)
     for result in results:
-        expected = topk_of(tiny_study["scores", variant], result["query_id"])
+        expected = topk_of(score_dir, result["query_id"])
         for name in ("dot", "cosine"):
             pros, cons = result[name]["proponents"], result[name]["opponents"]
             assert [e["id"] for e in pros] == expected[name]["top_ids"]
