@@ -110,6 +110,10 @@ def test_choosing_a_test_example_shows_its_proponents_and_source(chromium, tiny_
     marked = column.find_elements(By.CSS_SELECTOR, ".entry.source")
     assert [e.get_attribute("data-train") for e in marked] == [test["source"]]
     assert marked[0].find_element(By.CSS_SELECTOR, ".badge").text == "source"
+    label = data["methods"][1]["label"]
+    chromium.find_element(By.CSS_SELECTOR, f'input[data-method="{label}"]').click()  # untick
+    columns = chromium.find_elements(By.CSS_SELECTOR, ".column")
+    assert [c.get_attribute("data-method") for c in columns] == [method["label"]]
     chromium.find_element(By.CSS_SELECTOR, 'button[data-function="dot"]').click()
     column = chromium.find_elements(By.CSS_SELECTOR, ".column")[0]
     shown = [e.get_attribute("data-train") for e in column.find_elements(By.CSS_SELECTOR, ".entry")]

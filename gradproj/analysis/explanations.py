@@ -181,8 +181,10 @@ table.agreement td:nth-child(-n+2), table.agreement th:nth-child(-n+2) { text-al
 .functions button { margin-right: 6px; padding: 3px 10px; border: 1px solid #99a3b5;
   background: #fff; border-radius: 4px; cursor: pointer; }
 .functions button.on { background: #2f5fb3; color: #fff; border-color: #2f5fb3; }
-.columns { display: flex; gap: 14px; align-items: flex-start; }
-.column { flex: 1; min-width: 0; }
+.columns { display: flex; gap: 14px; align-items: flex-start; overflow-x: auto; }
+.column { flex: 1; min-width: 250px; }
+.methods, .functions { margin: 6px 0; }
+.methods label { margin-right: 12px; font-size: 12px; white-space: nowrap; }
 .column h3 { margin-top: 8px; }
 .column .path { color: #778; font-size: 11px; word-break: break-all; }
 .entry { background: #fff; border: 1px solid #e1e4ea; border-radius: 6px; padding: 6px 8px;
@@ -206,6 +208,7 @@ const testsEl = document.getElementById("tests"), mainEl = document.getElementBy
 const searchEl = document.getElementById("search"), countEl = document.getElementById("count");
 const functions = [...new Set(DATA.methods.flatMap(m => m.functions))];
 let chosen = null, func = functions.includes("cosine") ? "cosine" : functions[0];
+const hidden = new Set();  // score directories the reader has unticked
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -285,14 +288,22 @@ function show() {
     b.onclick = () => { func = f; show(); };
     return b;
   });
+  const toggles = DATA.methods.map((m, k) => {
+    const box = el("input", {type: "checkbox", "data-method": m.label});
+    box.checked = !hidden.has(k);
+    box.onchange = () => { box.checked ? hidden.delete(k) : hidden.add(k); show(); };
+    return el("label", {}, box, " " + m.label);
+  });
+  const shown = DATA.methods.filter((m, k) => !hidden.has(k));
   mainEl.replaceChildren(
     el("h2", {id: "test-id"}, "Test example " + t.id),
     ...(t.source ? [el("p", {}, "Known source: ", el("b", {}, t.source))] : []),
     ...conversation(t.messages),
     ...agreementTable(t.id),
     el("h3", {}, "Train examples by score"),
+    el("div", {class: "methods"}, ...toggles),
     el("div", {class: "functions"}, ...buttons),
-    el("div", {class: "columns"}, ...DATA.methods.map(m => column(m, chosen))));
+    el("div", {class: "columns"}, ...shown.map(m => column(m, chosen))));
 }
 
 function choose(i) {
@@ -308,4 +319,5 @@ showList();
 const fromHash = DATA.tests.findIndex(t => "#" + encodeURIComponent(t.id) === location.hash);
 if (DATA.tests.length) choose(fromHash >= 0 ? fromHash : 0);
 document.body.dataset.ready = "1";
+document.body.dataset.readyMs = performance.now().toFixed(0);  // for bench/explanations_page.py
 """
