@@ -174,6 +174,8 @@ h2 { font-size: 17px; margin: 4px 0 8px; } h3 { font-size: 14px; margin: 14px 0 
   background: #fff; border: 1px solid #e1e4ea; }
 .turn .role { font-size: 11px; text-transform: uppercase; color: #778; display: block; }
 .turn.assistant { background: #f1f7ee; }
+details.agreement { margin: 10px 0; } details.agreement summary { cursor: pointer;
+  font-weight: 600; }
 table.agreement { border-collapse: collapse; background: #fff; font-size: 12px; }
 table.agreement td, table.agreement th { border: 1px solid #dde1e7; padding: 3px 8px;
   text-align: right; }
@@ -246,8 +248,9 @@ function agreementTable(testId) {
     .map(h => el("th", {}, h)));
   const cell = v => el("td", {}, v === null ? "-" : String(v));
   const body = rows.map(r => el("tr", {}, ...r.map(cell)));
-  return [el("h3", {}, "Agreement with the reference (this test example)"),
-          el("table", {class: "agreement"}, head, ...body)];
+  const title = "Agreement with the reference for this test example (" + rows.length + " rows)";
+  return [el("details", {class: "agreement"}, el("summary", {}, title),
+             el("table", {class: "agreement"}, head, ...body))];
 }
 
 function entries(method, lists, kind, source) {
