@@ -7,7 +7,8 @@ conversion, compiled kernels). Reports the wall time, the CPU time (user + syste
 process, and the machine's load average when it started: on a shared machine the wall time
 depends on the others, the CPU time much less.
 
-  python bench/query_speed.py --train demo_output/gradients/rademacher_4096/smollm2-135m-instruct/train/train/0
+  python bench/query_speed.py \
+      --train demo_output/gradients/rademacher_4096/smollm2-135m-instruct/train/train/0
 """
 
 import argparse
