@@ -130,6 +130,11 @@ def parse_jsonl(text: str, where: str) -> list[dict]:
 
 def extraction_options(train: store.Run) -> dict:
     options = train.manifest.get("options")
+    if train.manifest.get("mode") == "store_mean":
+        raise UserError(
+            f"{train.path} holds the mean gradient of its dataset (--mode store_mean), not one "
+            "per train example; give a run extracted with --mode store"
+        )
     if not isinstance(options, dict) or "model" not in options:
         raise UserError(
             f"{train.path}: the manifest does not record the extraction's options; "

@@ -105,3 +105,15 @@ def test_a_query_without_an_answer_and_a_moved_dataset_are_refused(tiny_study, t
     argv = ["query", "--train", train, "--prompt", "a", "--response", "b", "--dataset", str(other)]
     line = user_error_line(main, argv, capsys)
     assert "does not hold the train run's example" in line
+
+
+def test_a_mean_run_is_refused(tiny_llama, tmp_path, capsys):
+    from gradproj.cli import extract_main
+
+    dataset = write_jsonl(tmp_path / "mean_set.jsonl", conversations(3))
+    argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(tmp_path),
+            "--max_seq_length", "40", "--mode", "store_mean"]  # fmt: skip
+    assert extract_main(argv) == 0
+    run = tmp_path / "full_mean" / tiny_llama.name / "mean_set" / "train" / "0"
+    argv = ["query", "--train", str(run), "--prompt", "a", "--response", "b"]
+    assert "(--mode store_mean), not one per train example" in user_error_line(main, argv, capsys)
