@@ -117,3 +117,16 @@ def test_a_mean_run_is_refused(tiny_llama, tmp_path, capsys):
     run = tmp_path / "full_mean" / tiny_llama.name / "mean_set" / "train" / "0"
     argv = ["query", "--train", str(run), "--prompt", "a", "--response", "b"]
     assert "(--mode store_mean), not one per train example" in user_error_line(main, argv, capsys)
+
+
+def test_a_model_no_longer_reachable_is_refused(tiny_study, tmp_path, capsys):
+    import shutil
+
+    train = tmp_path / "moved_run"
+    shutil.copytree(tiny_study["train", "full"], train)
+    manifest = json.loads((train / "manifest.json").read_text())
+    manifest["options"]["model"] = str(tmp_path / "deleted_model")
+    (train / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["query", "--train", str(train), "--prompt", "a", "--response", "b"]
+    line = user_error_line(main, argv, capsys)
+    assert f"cannot load the tokenizer '{tmp_path / 'deleted_model'}'" in line
