@@ -416,11 +416,11 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
 def run_query(args: argparse.Namespace) -> int:
     from dotenv import load_dotenv
 
-    from gradproj.query import QueryConfig, print_results, run_query
+    from gradproj import query
 
     load_dotenv()
-    config = QueryConfig(**vars(args))
-    print_results(config, run_query(config))
+    config = query.QueryConfig(**vars(args))
+    query.print_results(config, query.run_query(config))
     return 0
 
 
