@@ -52,6 +52,18 @@ Example:
         --output results/comparison
 """
 
+QUERY_DOC = """\
+Explain new answers: score them against a train run, as extract + score would, and print each
+one's top-k proponents and bottom-k opponents with the start of their text.
+
+  gradproj query --train gradients/rademacher_4096/M/train/train/0 \\
+      --prompt "How do I reverse a string in Python?" --response "Use s[::-1]."
+  gradproj query --train RUN --messages questions.jsonl --format json
+
+The gradient is computed with the train run's own settings (model, checkpoint, paradigm,
+target, projection, max_seq_length, dtype: its manifest's), the model loaded once for all.
+"""
+
 ORIGINAL_DOC = """\
 The original study's published JSON lists (explainability/<dim>/<where>/<func>): each
 candidate's agreement with the reference, the notebook's way (list position, the NaN id dropped)
@@ -183,6 +195,23 @@ COMPARE_OPTIONS = {
         "hidden), over the same examples; implies --retrieval",
     ),
     "source_field": dict(help="test set column naming each test example's source train id"),
+}
+
+QUERY_OPTIONS = {
+    "train": dict(help="train run directory (gradproj extract) to explain against"),
+    "messages": dict(
+        metavar="FILE",
+        help="the answers to explain: JSON lines in the train dataset's format, one "
+        "conversation each (- reads stdin)",
+    ),
+    "prompt": dict(metavar="TEXT", help="the user's message of the one answer to explain"),
+    "response": dict(metavar="TEXT", help="the assistant's answer to explain"),
+    "top_k": dict(help="proponents (highest scores) and opponents (lowest) to list"),
+    "func": dict(choices=["dot", "cosine", "both"], help="rank by which score function(s)"),
+    "format": dict(choices=["table", "json"], help="table (text starts) or json (texts in full)"),
+    "dataset": dict(help="the train run's dataset, for the texts (default: its manifest's)"),
+    "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
+    "memory_gb": dict(help="scoring memory budget in GiB (default: as gradproj score)"),
 }
 
 ORIGINAL_OPTIONS = {
@@ -371,8 +400,27 @@ def run_compare(args: argparse.Namespace) -> int:
     from gradproj.analysis import CompareConfig, compare_projections
 
     config = CompareConfig(**vars(args) | {"top_ks": tuple(args.top_ks)})
-    compare_projections(config)
+    comparison = compare_projections(config)
     print(f"wrote {config.output / 'report.md'}")
+    if comparison.explanations:
+        print(f"wrote {comparison.explanations}")
+    return 0
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradproj.query import QueryConfig
+
+    add_config_arguments(parser, QueryConfig, QUERY_OPTIONS)
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from dotenv import load_dotenv
+
+    from gradproj import query
+
+    load_dotenv()
+    config = query.QueryConfig(**vars(args))
+    query.print_results(config, query.run_query(config))
     return 0
 
 
@@ -461,6 +509,10 @@ COMMANDS = {
     "compare": Command(
         "compare projected scores with the full-gradient ones", COMPARE_DOC,
         add_compare_arguments, run_compare, extra="analysis",
+    ),
+    "query": Command(
+        "explain new answers: their top train examples, against a train run", QUERY_DOC,
+        add_query_arguments, run_query,
     ),
     "original": Command(
         "the original study's JSON lists: agreement as published and corrected", ORIGINAL_DOC,

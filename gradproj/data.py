@@ -176,6 +176,13 @@ def conversation(row: dict) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def conversation_text(row: dict) -> str:
+    """Every turn's content (user and assistant), or a pretraining row's `text`."""
+    if row.get("messages"):
+        return "\n".join(m["content"] for m in conversation(row))
+    return str(row.get("text", ""))
+
+
 def _kind(value) -> str:
     kinds = {
         type(None): "null",

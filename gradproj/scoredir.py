@@ -201,6 +201,20 @@ def read_summary(path: str | Path) -> dict:
     return summary
 
 
+def read_topk(path: str | Path) -> list[dict]:
+    """topk.jsonl of the score directory `path`: one record per test example, in test order."""
+    path = Path(path)
+    for required in (SUMMARY_FILE, TOPK_FILE):
+        if not (path / required).is_file():
+            raise UserError(f"{path} has no {required}; pass a directory written by gradproj score")
+    read_summary(path)  # checks the format version
+    topk_path = path / TOPK_FILE
+    try:
+        return [json.loads(line) for line in topk_path.read_text().splitlines() if line]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{topk_path} is not valid JSON lines ({err}); rescore it") from None
+
+
 def load_score_dir(path: str | Path) -> ScoreDir:
     """Read scores.safetensors and summary.json; refuse missing files, an unknown format version
     and non-finite scores."""

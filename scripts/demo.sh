@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole study on the bundled model and example data, on CPU, in a few minutes:
-# gradients (full and projected, one pass per split) -> scores -> comparison report, and the
+# gradients (full and projected, one pass per split) -> scores -> comparison report and
+# explanation browser (explanations.html), and the
 # ground-truth retrieval table (which method ranks each test example's source first), for which
 # the same pass also extracts the parameter-gradient target (kronecker per layer) and the mean
 # last hidden state (and, opted in, a pass of its own the LESS-style dense projection of a few
@@ -78,4 +79,5 @@ candidates=()
 for v in "${variants[@]:1}"; do candidates+=("$OUT/scores/$v"); done
 $PY compare_projections.py --reference "$OUT/scores/full" --candidates "${candidates[@]}" \
     --output "$OUT/report" --emulate_original --retrieval ${others[@]:+--retrieval_methods "${others[@]}"}
+echo "explanation browser (a static page; open it in a web browser): $OUT/report/explanations.html"
 $PY scripts/demo_summary.py --report "$OUT/report"

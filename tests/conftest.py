@@ -161,3 +161,48 @@ def text_file(tmp_path) -> Path:
         {"id": f"doc_{i}", "text": " ".join(CORPUS[i % 6 : i % 6 + 1 + i % 3])} for i in range(9)
     ]
     return write_jsonl(tmp_path / "text.jsonl", rows)
+
+
+STUDY_TOP_K = 4
+VARIANTS = ("full", "rademacher_16")
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_llama, tmp_path_factory) -> dict:
+    """Train and test runs (full, rademacher_16) of the tiny model and their score directories,
+    made as a user makes them; each test example names a train example as its `source_id`."""
+    from gradproj.cli import extract_main, score_main
+
+    root = tmp_path_factory.mktemp("study")
+    test_rows = [
+        r | {"id": f"q_{i}", "source_id": f"ex_{2 * i:03d}"} for i, r in enumerate(conversations(5))
+    ]
+    files = {
+        "train": write_jsonl(root / "train_set.jsonl", conversations(11, long_every=5)),
+        "test": write_jsonl(root / "test_set.jsonl", test_rows),
+    }
+
+    def extract(dataset: Path, output: Path) -> dict[str, Path]:
+        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(output),
+                "--max_seq_length", "40", "--gradients_per_file", "3",
+                "--random_projection", "--proj_dim", "full,8,16"]  # fmt: skip
+        assert extract_main(argv) == 0
+        return {v: output / v / tiny_llama.name / dataset.stem / "train/0" for v in VARIANTS}
+
+    def score(train: Path, test: Path, out: Path) -> Path:
+        argv = ["--train", str(train), "--test", str(test), "--output", str(out),
+                "--top_k", str(STUDY_TOP_K)]  # fmt: skip
+        assert score_main(argv) == 0
+        return out
+
+    study = {"test_rows": test_rows, "train_file": files["train"], "extract": extract}
+    runs = {role: extract(dataset, root / "g") for role, dataset in files.items()}
+    study["score"] = lambda test_run, out, variant: score(runs["train"][variant], test_run, out)
+    for variant in VARIANTS:
+        study["train", variant], study["test", variant] = (
+            runs["train"][variant],
+            runs["test"][variant],
+        )
+        out = root / "scores" / variant
+        study["scores", variant] = score(runs["train"][variant], runs["test"][variant], out)
+    return study

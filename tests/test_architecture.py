@@ -8,7 +8,7 @@ import re
 from tests.conftest import REPO
 
 PAGE = (REPO / "docs" / "architecture.md").read_text()
-FRONT_ENDS = {"cli", "extract", "plan", "__main__"}
+FRONT_ENDS = {"cli", "extract", "plan", "query", "__main__"}
 
 
 def stages() -> list[str]:

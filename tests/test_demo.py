@@ -77,3 +77,46 @@ def test_notebook_executes(demo_output, name, tmp_path, monkeypatch):
     client.execute()
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+def test_demo_writes_the_explanation_browser_and_prints_its_path(demo_output):
+    out, stdout = demo_output
+    page = out / "report" / "explanations.html"
+    assert f"explanation browser (a static page; open it in a web browser): {page}" in stdout
+    html = page.read_text()
+    assert "test_00" in html and '"source":"train_000"' in html
+
+
+@pytest.mark.parametrize("variant", ["full", "rademacher_16"])
+def test_query_of_a_bundled_test_example_is_extract_and_score_bit_for_bit(
+    demo_output, variant, tmp_path
+):
+    """One test example of the bundled data, explained by `gradproj query` against the demo's
+    train run, and extracted alone by `gradproj extract` with the demo's options and scored."""
+    import json
+
+    from gradproj.cli import extract_main, score_main
+    from gradproj.query import QueryConfig, run_query
+
+    out, _ = demo_output
+    example = (REPO / "examples" / "data" / "test.jsonl").read_text().splitlines()[0]
+    dataset = tmp_path / "one.jsonl"
+    dataset.write_text(example + "\n")
+    train = out / "gradients" / variant / "smollm2-135m-instruct" / "train" / "train" / "0"
+    argv = ["bundled:smollm2-135m-instruct", str(dataset), "0", "--max_seq_length", "112",
+            "--gradients_output_path", str(tmp_path / "g"), "--device", "cpu",
+            "--random_projection", "--proj_dim", "full,16"]  # fmt: skip
+    assert extract_main(argv) == 0
+    test = tmp_path / "g" / variant / "smollm2-135m-instruct" / "one" / "train" / "0"
+    argv = ["--train", str(train), "--test", str(test), "--output", str(tmp_path / "s"),
+            "--top_k", "5"]  # fmt: skip
+    assert score_main(argv) == 0
+    expected = json.loads((tmp_path / "s" / "topk.jsonl").read_text())
+    (result,) = run_query(QueryConfig(train=str(train), messages=str(dataset), top_k=5))
+    assert result["query_id"] == expected["test_id"] == "test_00"
+    for name in ("dot", "cosine"):
+        pros, cons = result[name]["proponents"], result[name]["opponents"]
+        assert [e["id"] for e in pros] == expected[name]["top_ids"]
+        assert [e[name] for e in pros] == expected[name]["top_scores"]
+        assert [e["id"] for e in cons] == expected[name]["bottom_ids"]
+        assert [e[name] for e in cons] == expected[name]["bottom_scores"]

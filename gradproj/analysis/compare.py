@@ -86,6 +86,7 @@ class Comparison:
     retrieval: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    explanations: Path | None = None  # explanations.html, when the datasets could be read
 
 
 def load_inputs(config: CompareConfig) -> tuple[ScoreDir, list[ScoreDir]]:
@@ -399,4 +400,20 @@ def compare_projections(config: CompareConfig) -> Comparison:
             notes=notes,
         )
         step("tables, figures, report", write_outputs, comparison, config.output)
+    comparison.explanations = explanations_page(comparison, config)
     return comparison
+
+
+def explanations_page(comparison: Comparison, config: CompareConfig) -> Path | None:
+    """explanations.html beside the report; datasets that cannot be read cost only the page."""
+    from gradproj.analysis.explanations import PAGE, write_explanations
+
+    paths = [comparison.reference.path, *(c.path for c in comparison.candidates)]
+    try:
+        return write_explanations(
+            config.output, [*paths, *config.retrieval_methods], comparison.metrics,
+            config.source_field,
+        )  # fmt: skip
+    except UserError as err:
+        print(f"warning: {PAGE} not written: {err}", file=sys.stderr)
+        return None

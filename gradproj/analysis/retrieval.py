@@ -33,15 +33,6 @@ def read_rows(dataset: str, split: str) -> dict[str, dict]:
     return {data.example_id(row, i): row for i, row in enumerate(rows)}
 
 
-def conversation_text(row: dict) -> str:
-    """Every turn's content (user and assistant), or a pretraining row's `text`."""
-    if row.get("messages"):
-        from gradproj import data
-
-        return "\n".join(m["content"] for m in data.conversation(row))
-    return str(row.get("text", ""))
-
-
 def find_sources(
     test_rows: dict[str, dict], train_rows: dict[str, dict], scored: ScoreDir, field: str
 ) -> dict[str, str]:
@@ -176,6 +167,8 @@ def retrieval_table(
     reference order). `rows` = (train rows, test rows) by id; default: the datasets named in the
     first directory's run manifests.
     """
+    from gradproj.data import conversation_text  # imports `datasets`, as read_rows does
+
     reference = score_dirs[0]
     aligned = [reference, *(align_to(reference, d) for d in score_dirs[1:])]
     train_rows, test_rows = rows or dataset_rows(reference)

@@ -1,0 +1,323 @@
+"""`gradproj query`: which train examples explain a new answer, against a built train run.
+
+A front end that composes the two stages that already exist, so that a query's scores are those
+`gradproj extract` + `gradproj score` would give it, bit for bit: the queries are extracted by
+`gradproj.extract.run_extraction` with the train run's own options (read from its manifest; only
+the dataset, the device and the output folder change), into a temporary run directory, and
+scored against the train run by `gradproj.influence.Scorer`, with its arithmetic and memory plan.
+The model is loaded once for every query of a file. Score-side options (the preconditioning of
+`gradproj score`, when it lands) belong in `score_config`, which builds the `ScoreConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gradproj import data, influence, models, store
+from gradproj.errors import UserError
+
+FORMATS = ("table", "json")
+QUERY_SPLIT = "train"  # the split name of the temporary query dataset
+TABLE_TEXT_CHARS = 70  # the start of a train example's text, in the table
+# Options of the train run's extraction that describe its dataset or its share of it: the query
+# run replaces them; every other option (model, checkpoint, target, projection, max_seq_length,
+# dtype, batch size, ...) is the train run's.
+DATASET_OPTIONS = ("dataset", "dataset_split", "limit", "start", "end")
+
+
+@dataclass
+class QueryConfig:
+    train: str
+    messages: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+    top_k: int = 10
+    func: str = "both"
+    format: str = "table"
+    dataset: str | None = None
+    device: str | None = None
+    memory_gb: float | None = None
+
+    def __post_init__(self):
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.validate()
+
+    def validate(self) -> None:
+        pair = (self.prompt is not None, self.response is not None)
+        checks = [
+            (
+                (self.messages is not None) != any(pair),
+                "give the answer to explain as --messages FILE (or -) or as --prompt and "
+                "--response, not both",
+            ),
+            (all(pair) or not any(pair), "--prompt and --response go together; give both"),
+            (self.top_k >= 1, "--top_k must be at least 1"),
+            (self.format in FORMATS, f"--format {self.format!r}: use table or json"),
+            (
+                self.func in influence.FUNC_CHOICES,
+                f"--func {self.func!r}: use dot, cosine or both",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return influence.FUNCTIONS if self.func == "both" else (self.func,)
+
+
+# --- The queries ---
+
+
+def read_queries(cfg: QueryConfig, paradigm: str) -> list[dict]:
+    """The rows to explain, each with an id (`query_<n>` where the row names none)."""
+    if cfg.messages is None:
+        rows = [{"messages": [{"role": "user", "content": cfg.prompt},
+                              {"role": "assistant", "content": cfg.response}]}]  # fmt: skip
+        where = "--prompt/--response"
+    else:
+        where = "stdin" if cfg.messages == "-" else cfg.messages
+        rows = parse_jsonl(read_text(cfg.messages), where)
+    for n, row in enumerate(rows):
+        problem = data.row_problem(row, paradigm)
+        if problem:
+            raise UserError(f"{where} query {n + 1}: {problem}; give rows like the train dataset's")
+        if data.example_id(row, n) == str(n):
+            row["id"] = f"query_{n}"
+    ids = [data.example_id(row, n) for n, row in enumerate(rows)]
+    if len(set(ids)) < len(ids):
+        raise UserError(f"{where}: two queries share an id; give each its own 'id'")
+    return rows
+
+
+def read_text(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"--messages {source}: cannot read it ({err.strerror})") from None
+
+
+def parse_jsonl(text: str, where: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where} line {number}: not a JSON object (one row per line)")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{where} holds no query; give one JSON object per line")
+    return rows
+
+
+# --- The train side: its run, its extraction options, its texts ---
+
+
+def extraction_options(train: store.Run) -> dict:
+    options = train.manifest.get("options")
+    if train.manifest.get("mode") == "store_mean":
+        raise UserError(
+            f"{train.path} holds the mean gradient of its dataset (--mode store_mean), not one "
+            "per train example; give a run extracted with --mode store"
+        )
+    if not isinstance(options, dict) or "model" not in options:
+        raise UserError(
+            f"{train.path}: the manifest does not record the extraction's options; "
+            "re-extract the train run with this version of gradproj"
+        )
+    return options
+
+
+def train_texts(train: store.Run, dataset: str | None) -> dict[str, str]:
+    """{train id: conversation text} of every example the run holds, from its dataset."""
+    dataset = dataset or train.manifest.get("dataset")
+    split = train.manifest.get("split", "train")
+    rows = data.load_split(dataset, data.split_name(split))  # indices are rows of the split
+    texts = {}
+    for example in train.manifest["examples"]:
+        i = example["index"]
+        if i >= len(rows) or data.example_id(rows[i], i) != example["id"]:
+            raise UserError(
+                f"{dataset} does not hold the train run's example {example['id']!r} at row {i}; "
+                "pass the dataset the run was extracted from with --dataset"
+            )
+        texts[example["id"]] = data.conversation_text(rows[i])
+    return texts
+
+
+# --- Extraction and scoring of the queries ---
+
+
+def extract_queries(rows: list[dict], train: store.Run, folder: Path, device: str) -> store.Run:
+    """The queries' run, extracted with the train run's options into `folder`."""
+    from gradproj.extract import ExtractConfig, run_extraction
+    from gradproj.extract.layout import run_dir
+
+    options = extraction_options(train)
+    dataset = folder / "queries.jsonl"
+    dataset.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    overrides = dict.fromkeys(DATASET_OPTIONS) | {
+        "dataset": str(dataset),
+        "dataset_split": QUERY_SPLIT,
+        "gradients_output_path": str(folder / "gradients"),
+        "skip_if_gradient_folder_exists": False,
+        "skip_invalid_rows": False,
+        "device": device,
+        # "auto" means fp32 on CPU and bf16 on CUDA: keep what the train run computed in
+        "dtype": dtype_name(options.get("dtype", "auto"), options.get("device", "cpu")),
+    }
+    known = {f.name for f in dataclasses.fields(ExtractConfig)}
+    if not options.keys() <= known:
+        raise UserError(
+            f"{train.path}: extracted with options this version does not know "
+            f"({', '.join(sorted(options.keys() - known))}); re-extract the train run"
+        )
+    cfg = ExtractConfig(**(options | overrides))
+    target, spec = train_output(cfg, train)
+    cfg.outputs = {target: [spec]}  # the one output the train run is, of the same pass
+    with contextlib.redirect_stdout(sys.stderr):  # progress and summary lines are not results
+        run_extraction(cfg)
+    return store.Run(run_dir(cfg, target, spec))
+
+
+def dtype_name(dtype: str, device: str) -> str:
+    resolved = models.resolve_dtype(dtype, device)
+    return next(name for name, value in models.DTYPES.items() if value == resolved)
+
+
+def train_output(cfg, train: store.Run):
+    """(target, output spec) of `cfg`'s pass that wrote the train run."""
+    target = train.manifest.get("target")
+    projection = train.manifest.get("projection")
+    name = f"{projection['type']}_{projection['dim']}" if projection else "full"
+    for spec in cfg.outputs.get(target, []):
+        if spec.name == name:
+            return target, spec
+    raise UserError(
+        f"{train.path}: its manifest's options do not produce its own output ({target} {name}); "
+        "re-extract the train run"
+    )
+
+
+def check_explainable(queries: store.Run) -> None:
+    """Every query must have a gradient: one with no loss token left is not explained."""
+    if queries.skipped:
+        first = queries.skipped[0]
+        raise UserError(
+            f"query {first['id']!r} cannot be explained: {first['reason']} (the train run's "
+            "setting); shorten the prompt or the answer"
+        )
+
+
+def score_config(cfg: QueryConfig, train: store.Run, queries: store.Run):
+    return influence.ScoreConfig(
+        train=str(train.path), test=str(queries.path), func=cfg.func, top_k=cfg.top_k,
+        device=cfg.device, memory_gb=cfg.memory_gb,
+    )  # fmt: skip
+
+
+def score_queries(cfg: QueryConfig, train: store.Run, queries: store.Run) -> influence.Scores:
+    influence.check_compatible(train, queries)
+    score_cfg = score_config(cfg, train, queries)
+    plan = influence.plan_memory(score_cfg, train, queries)
+    scores = influence.Scorer(score_cfg, train, queries, plan).run()
+    influence.warn_excluded({"train": scores.excluded["train"]})
+    return scores
+
+
+# --- Results ---
+
+
+def explanations(cfg: QueryConfig, rows: list[dict], scores: influence.Scores, texts) -> list:
+    """Per query: its id and conversation, and per function its top-k proponents and bottom-k
+    opponents, each with its rank (1 = highest score), both scores, id and text."""
+    positions = influence.topk_positions(scores, cfg.top_k)
+    by_id = {data.example_id(row, n): row for n, row in enumerate(rows)}
+    n_train = len(scores.train_ids)
+    results = []
+    for j, query_id in enumerate(scores.test_ids):
+        row = by_id[query_id]
+        result = {"query_id": query_id, "text": data.conversation_text(row)}
+        if row.get("messages"):
+            result["messages"] = data.conversation(row)
+        for name in scores.matrices:
+            top, bottom = positions[name][0][j], positions[name][1][j]
+            result[name] = {
+                "proponents": [entry(scores, texts, j, i, r + 1) for r, i in enumerate(top)],
+                "opponents": [
+                    entry(scores, texts, j, i, n_train - r) for r, i in enumerate(bottom)
+                ],
+            }
+        results.append(result)
+    return results
+
+
+def entry(scores: influence.Scores, texts: dict, row: int, column: int, rank: int) -> dict:
+    train_id = scores.train_ids[column]
+    values = {name: m[row, column].item() for name, m in scores.matrices.items()}
+    return {"rank": rank, "id": train_id} | values | {"text": texts[train_id]}
+
+
+def format_table(results: list[dict], functions: tuple[str, ...]) -> str:
+    lines = []
+    for result in results:
+        asked = one_line(result["text"], 2 * TABLE_TEXT_CHARS)
+        lines.append(f"query {result['query_id']}: {asked}")
+        for name in functions:
+            for kind in ("proponents", "opponents"):
+                lines.append(f"  {kind} by {name}:")
+                lines.append(f"  {'rank':>6} {'dot':>12} {'cosine':>9}  {'id':<14} text")
+                for e in result[name][kind]:
+                    lines.append(
+                        f"  {e['rank']:>6} {score_text(e, 'dot'):>12} "
+                        f"{score_text(e, 'cosine'):>9}  {e['id']:<14} "
+                        f"{one_line(e['text'], TABLE_TEXT_CHARS)}"
+                    )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def score_text(e: dict, name: str) -> str:
+    if name not in e:
+        return "-"
+    return f"{e[name]:.4f}" if name == "cosine" else f"{e[name]:.4g}"
+
+
+def one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def run_query(cfg: QueryConfig) -> list[dict]:
+    """Explain each query against the train run; validate everything before the model loads."""
+    train = influence.open_run(cfg.train, "train")
+    options = extraction_options(train)
+    rows = read_queries(cfg, options.get("paradigm", "sft"))
+    texts = train_texts(train, cfg.dataset)
+    with tempfile.TemporaryDirectory(prefix="gradproj-query-") as folder:
+        queries = extract_queries(rows, train, Path(folder), cfg.device)
+        check_explainable(queries)
+        scores = score_queries(cfg, train, queries)
+    return explanations(cfg, rows, scores, texts)
+
+
+def print_results(cfg: QueryConfig, results: list[dict]) -> None:
+    if cfg.format == "json":
+        print(json.dumps(results, ensure_ascii=False, indent=1))
+    else:
+        print(format_table(results, cfg.functions), end="")
