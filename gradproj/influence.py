@@ -580,20 +580,21 @@ def score_influence(cfg: ScoreConfig) -> Path:
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
-    scoredir.check_replaceable(out)
-    plan = plan_memory(cfg, train, test)
-    scores = Scorer(cfg, train, test, plan).run()
-    warn_excluded(scores.excluded)
+    with scoredir.exclusive_output(out):  # before the compute: a second writer fails at once
+        scoredir.check_replaceable(out)
+        plan = plan_memory(cfg, train, test)
+        scores = Scorer(cfg, train, test, plan).run()
+        warn_excluded(scores.excluded)
 
-    def build(folder: Path) -> None:
-        ids = (scores.train_ids, scores.test_ids)
-        scoredir.write_scores(folder, scores.matrices, *ids, train.path, test.path)
-        positions = topk_positions(scores, cfg.top_k)
-        lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
-        scoredir.write_topk(folder, lines)
-        scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
-        if cfg.mapped:
-            write_mapped(folder, cfg, scores, train)
+        def build(folder: Path) -> None:
+            ids = (scores.train_ids, scores.test_ids)
+            scoredir.write_scores(folder, scores.matrices, *ids, train.path, test.path)
+            positions = topk_positions(scores, cfg.top_k)
+            lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
+            scoredir.write_topk(folder, lines)
+            scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
+            if cfg.mapped:
+                write_mapped(folder, cfg, scores, train)
 
-    scoredir.replace_dir(out, build)
+        scoredir.replace_dir(out, build)
     return out

@@ -2,7 +2,10 @@
 version this gradproj does not know is refused with a one-line error."""
 
 import json
+import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from safetensors.torch import save_file
 
 from gradproj import __version__, scoredir, store
 from gradproj.cli import compare_main
-from gradproj.errors import UserError
+from gradproj.errors import Terminated, UserError
 from tests.conftest import user_error_line
 from tests.test_influence import read_scores, score, synthetic_run
 
@@ -75,3 +78,72 @@ def test_an_unknown_format_version_is_refused(scored, tmp_path, capsys, edit, fi
             str(tmp_path / "report")]  # fmt: skip
     assert user_error_line(compare_main, argv, capsys) == f"error: {message}"
     assert not (tmp_path / "report").exists()
+
+
+# --- One writer at a time (issue 25 item 1) ---
+
+
+def test_a_second_scoring_into_a_held_output_fails_at_once(scored, tmp_path):
+    before = tree_bytes(scored)
+    with scoredir.exclusive_output(scored):
+        with pytest.raises(UserError) as info:
+            with scoredir.exclusive_output(scored):
+                pass
+    assert str(info.value) == (
+        f"another scoring is writing --output {scored} (it holds "
+        f"{scored.parent / ('.' + scored.name + '.lock')}); wait for it to finish, or give "
+        "another --output"
+    )
+    assert tree_bytes(scored) == before
+
+
+def test_a_live_scorings_staging_is_never_removed(scored, tmp_path):
+    """The loser of two scorings used to delete the winner's staging directory mid-build."""
+    seen = {}
+
+    def build(folder):
+        (folder / "topk.jsonl").write_text("being written")
+        with pytest.raises(UserError):  # a second scoring starts meanwhile
+            with scoredir.exclusive_output(scored):
+                pass
+        seen["staging still there"] = (folder / "topk.jsonl").is_file()
+        (folder / scoredir.SUMMARY_FILE).write_text(json.dumps({"format": scoredir.SCORES_FORMAT}))
+
+    with scoredir.exclusive_output(scored):
+        scoredir.replace_dir(scored, build)
+    assert seen == {"staging still there": True}
+    assert (scored / "topk.jsonl").read_text() == "being written"
+
+
+def test_staging_of_a_dead_scoring_is_removed_and_a_lost_swap_undone(scored, tmp_path):
+    """SIGKILL between the two renames leaves `.old-*` and no output: the next writer puts the
+    previous scoring back, then removes the dead one's staging."""
+    before = tree_bytes(scored)
+    old = scored.parent / f".{scored.name}.old-abc"
+    scored.rename(old)
+    staging = scored.parent / f".{scored.name}.staging-abc"
+    staging.mkdir()
+    with scoredir.exclusive_output(scored):
+        assert tree_bytes(scored) == before
+    assert not old.exists() and not staging.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_scoring_removes_its_staging(scored, tmp_path, signum):
+    before = tree_bytes(scored)
+
+    def build(folder):
+        (folder / "topk.jsonl").write_text("partial")
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler interrupts this
+
+    expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    with pytest.raises(expected), scoredir.exclusive_output(scored):
+        scoredir.replace_dir(scored, build)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
+    assert tree_bytes(scored) == before
+    assert [p.name for p in scored.parent.iterdir() if ".staging-" in p.name] == []
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
