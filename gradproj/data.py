@@ -223,6 +223,18 @@ def row_problem(row: dict, paradigm: str) -> str | None:
     return conversation_problem(row["messages"], need_assistant=False)
 
 
+def example_ids(rows: datasets.Dataset, first_row: int = 0) -> list[str]:
+    """Every chosen row's example id (`example_id`), in order."""
+    keys = [c for c in ("id", "prompt_id") if c in rows.column_names]
+    if not keys:
+        return [str(first_row + i) for i in range(len(rows))]
+    ids = []
+    for batch in rows.select_columns(keys).iter(batch_size=4096):
+        for position, values in enumerate(zip(*batch.values(), strict=True), start=len(ids)):
+            ids.append(example_id(dict(zip(keys, values, strict=True)), first_row + position))
+    return ids
+
+
 def invalid_rows(rows: datasets.Dataset, paradigm: str, first_row: int = 0) -> list[dict]:
     """Every row the paradigm cannot use: its split row, id and what is wrong."""
     needed = [c for c in ("id", "prompt_id", "text", "messages") if c in rows.column_names]

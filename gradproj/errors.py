@@ -38,6 +38,24 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def check_unique_ids(ids: list[str], where: str, first_row: int = 0, most: int = 20) -> None:
+    """Refuse duplicate example ids, naming each with its rows (the first `most`): ids are the
+    join key of every later file (scores, top-k lists, metrics), where duplicates could not be
+    told apart."""
+    rows: dict[str, list[int]] = {}
+    for position, example in enumerate(ids):
+        rows.setdefault(example, []).append(first_row + position)
+    duplicates = [(k, v) for k, v in rows.items() if len(v) > 1]
+    if not duplicates:
+        return
+    named = "; ".join(f"{k!r} (rows {', '.join(map(str, v))})" for k, v in duplicates[:most])
+    more = f" and {len(duplicates) - most} more" if len(duplicates) > most else ""
+    raise UserError(
+        f"{where} has {len(duplicates)} duplicate example id(s): {named}{more}; ids join every "
+        "output (scores, top-k lists, metrics), so give each example its own id"
+    )
+
+
 def environment_message(err: OSError) -> str | None:
     """The one-line message for an OS error of the environment, or None for another error."""
     advice = ENVIRONMENT_ERRNOS.get(err.errno)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from gradproj import scoredir, store
-from gradproj.errors import UserError
+from gradproj.errors import UserError, check_unique_ids
 from gradproj.scoredir import FUNCTIONS
 
 FUNC_CHOICES = (*FUNCTIONS, "both")
@@ -103,6 +103,7 @@ def open_run(path: str, role: str) -> store.Run:
         if missing:
             raise UserError(f"{path}: manifest.json lacks {', '.join(missing)}; re-extract")
         run.require_complete()
+        check_unique_ids(run.ids, f"run {path}")
     except UserError as err:
         raise UserError(f"--{role}: {err}") from None
     return run

@@ -237,9 +237,7 @@ def test_scoring_again_replaces_the_directory_whole(projected_run, tmp_path):
     assert score_main([*base, "--func", "dot"]) == 0
     assert {p.name for p in out.iterdir()} == {"scores.safetensors", "topk.jsonl", "summary.json"}
     assert json.loads((out / "summary.json").read_text())["functions"] == ["dot"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scores.")] == [
-        ".scores.lock"
-    ]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scores.")] == [".scores.lock"]
 
 
 def test_scoring_into_a_directory_of_other_files_is_refused(projected_run, tmp_path, capsys):
