@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,22 @@ def _load_base_split(dataset: str, base: str) -> datasets.Dataset:
     return _load_hub_split(dataset, base)
 
 
+def hub_advice() -> str:
+    """What to do when the hub could not be asked: it depends on whether offline mode is set."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        return ", or unset HF_HUB_OFFLINE to download"
+    return ", and that this machine can reach huggingface.co (or use a local copy)"
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path (a hub id is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def _load_hub_split(dataset: str, base: str) -> datasets.Dataset:
+    if looks_like_path(dataset):
+        raise UserError(f"dataset {dataset!r}: no such file or directory")
     try:
         return datasets.load_dataset(dataset, split=base)
     except ValueError as err:
@@ -115,7 +131,7 @@ def _load_hub_split(dataset: str, base: str) -> datasets.Dataset:
     except Exception as err:
         raise UserError(
             f"dataset {dataset!r} is neither a local path nor reachable on the hub "
-            f"({_first_line(err)}); check the name, or unset HF_HUB_OFFLINE to download"
+            f"({_first_line(err)}); check the name{hub_advice()}"
         ) from err
 
 

@@ -141,6 +141,21 @@ def check_compatible(train: store.Run, test: store.Run) -> None:
         )
 
 
+def warn_truncation(train: store.Run, test: store.Run) -> None:
+    """Runs of different --max_seq_length are comparable, but their examples were cut at
+    different lengths (for the embedding target, position-aligned gradients of different
+    prefixes): scored, with a warning."""
+    lengths = train.manifest.get("max_seq_length"), test.manifest.get("max_seq_length")
+    if None not in lengths and lengths[0] != lengths[1]:
+        print(
+            f"warning: the train run was extracted with max_seq_length {lengths[0]} and the "
+            f"test run with {lengths[1]}: examples longer than {min(lengths)} tokens were cut "
+            "at different lengths; extract both with one --max_seq_length to compare like "
+            "with like",
+            file=sys.stderr,
+        )
+
+
 def manifest_exclusions(run: store.Run) -> list[dict]:
     return [
         {"id": s["id"], "index": s.get("index"), "reason": s.get("reason", "skipped")}
@@ -491,8 +506,13 @@ def per_test_stats(scores: Scores) -> dict:
 
 
 def manifest_summary(run: store.Run) -> dict:
+    """The run's description; `examples_sha256` names its examples (dataset rows and ids, kept
+    and skipped), so that `gradproj compare` can tell scorings of other examples apart."""
     described = {key: run.manifest.get(key) for key in MANIFEST_FIELDS}
-    return described | {"manifest_sha256": store.file_sha256(run.path / store.MANIFEST)}
+    return described | {
+        "manifest_sha256": store.file_sha256(run.path / store.MANIFEST),
+        "examples_sha256": store.examples_sha256(run.manifest),
+    }
 
 
 def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
@@ -580,6 +600,7 @@ def score_influence(cfg: ScoreConfig) -> Path:
     """Score the runs, write the score directory (replacing it whole), return its path."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
+    warn_truncation(train, test)
     out = output_dir(cfg, train, test)
     with scoredir.exclusive_output(out):  # before the compute: a second writer fails at once
         scoredir.check_replaceable(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -242,12 +243,15 @@ class ScoreDir:
 
     @property
     def dim(self) -> int | None:
-        return int(self.projection["dim"]) if self.projection else None
+        """The projected length k of one example (k_out * k_in for a kronecker `16x16`)."""
+        if not self.projection:
+            return None
+        return math.prod(int(factor) for factor in str(self.projection["dim"]).split("x"))
 
     @property
     def label(self) -> str:
-        """Short name: `full` or `<type>_<dim>`."""
-        return "full" if self.dim is None else f"{self.projection_type}_{self.dim}"
+        """Short name: `full` or `<type>_<dim>` (a kronecker one as written: `kronecker_16x16`)."""
+        return "full" if self.dim is None else f"{self.projection_type}_{self.projection['dim']}"
 
 
 def read_summary(path: str | Path) -> dict:

@@ -95,6 +95,12 @@ def identity_sha256(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def examples_sha256(manifest: dict) -> str:
+    """The hash of a run's examples: the (dataset row, id) of each, kept or skipped."""
+    held = sorted((e.get("index", -1), e["id"]) for e in manifest["examples"] + manifest["skipped"])
+    return hashlib.sha256(json.dumps(held).encode()).hexdigest()
+
+
 def shard_name(start: int, end: int) -> str:
     return f"{start}_{end}.safetensors"
 
@@ -449,16 +455,23 @@ class Run:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Fail before any compute when a run directory cannot be created or written."""
+    """Fail before any compute when a run directory cannot be created or written. Leaves
+    nothing behind: a model that then fails to load must not leave empty run directories."""
+    run_dir = Path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".lock", "a"):
+        with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as err:
         raise UserError(
             f"cannot write the output directory {run_dir} ({err.strerror}); choose a writable "
             "--gradients_output_path"
         ) from err
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):  # e.g. another task's shards appeared
+                folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -147,3 +147,61 @@ def test_a_signal_during_scoring_removes_its_staging(scored, tmp_path, signum):
 
 def tree_bytes(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# --- Provenance in compare (issue 25 item 5), kronecker labels (item 11) ---
+
+
+def scoring_of(tmp_path, name, seed=0, skipped=(), **header):
+    """A scoring of synthetic runs; `header` sets manifest fields of both, `skipped` adds
+    skipped examples to the train run."""
+    gen = torch.Generator().manual_seed(seed)
+    train = synthetic_run(tmp_path / name / "train", list(torch.randn(5, 8, generator=gen)),
+                          skipped=skipped, **header)  # fmt: skip
+    test = synthetic_run(tmp_path / name / "test", list(torch.randn(3, 8, generator=gen)),
+                         **header)  # fmt: skip
+    return score(train, test, tmp_path / name / "scores")
+
+
+def test_compare_refuses_scorings_of_other_data_with_the_same_ids(tmp_path, capsys):
+    reference = scoring_of(tmp_path, "reference")
+    other_data = scoring_of(tmp_path, "other_data", dataset="elsewhere.jsonl")
+    argv = ["--reference", str(reference), "--candidates", str(other_data), "--output",
+            str(tmp_path / "report")]  # fmt: skip
+    assert user_error_line(compare_main, argv, capsys) == (
+        f"error: {other_data} was scored from other runs than the reference {reference}: "
+        "train dataset ('d' vs 'elsewhere.jsonl'); test dataset ('d' vs 'elsewhere.jsonl'); compare scorings of the same train and test "
+        "examples"
+    )
+    assert not (tmp_path / "report").exists()
+
+
+def test_compare_accepts_other_projections_of_the_same_examples(tmp_path):
+    from gradproj.analysis.scores import check_provenance
+
+    reference = scoredir.load_score_dir(scoring_of(tmp_path, "a"))
+    projection = {"type": "rademacher", "seed": 7, "dim": 8}
+    candidate = scoredir.load_score_dir(scoring_of(tmp_path, "b", seed=1, projection=projection))
+    check_provenance(reference, candidate)  # no error
+    assert (
+        candidate.summary["train_manifest"]["examples_sha256"]
+        == (reference.summary["train_manifest"]["examples_sha256"])
+    )
+    renamed = scoredir.load_score_dir(scoring_of(tmp_path, "c", skipped=[{"index": 5, "id": "x"}]))
+    with pytest.raises(UserError, match="train n_examples .*train examples_sha256"):
+        check_provenance(reference, renamed)
+
+
+@pytest.mark.parametrize(
+    ("projection", "dim", "label"),
+    [
+        ({"type": "kronecker", "dim": "16x16"}, 256, "kronecker_16x16"),
+        ({"type": "rademacher", "dim": 64}, 64, "rademacher_64"),
+        (None, None, "full"),
+    ],
+)
+def test_dim_and_label_of_every_projection(tmp_path, projection, dim, label):
+    """`int('16x16')` used to raise for the parameter target's kronecker score directories."""
+    summary = {"train_manifest": {"projection": projection}}
+    score_dir = scoredir.ScoreDir(tmp_path, {}, [], [], summary)
+    assert (score_dir.dim, score_dir.label) == (dim, label)
