@@ -170,8 +170,8 @@ def test_compare_refuses_scorings_of_other_data_with_the_same_ids(tmp_path, caps
             str(tmp_path / "report")]  # fmt: skip
     assert user_error_line(compare_main, argv, capsys) == (
         f"error: {other_data} was scored from other runs than the reference {reference}: "
-        "train dataset ('d' vs 'elsewhere.jsonl'); test dataset ('d' vs 'elsewhere.jsonl'); compare scorings of the same train and test "
-        "examples"
+        "train dataset ('d' vs 'elsewhere.jsonl'); test dataset ('d' vs 'elsewhere.jsonl'); "
+        "compare scorings of the same train and test examples"
     )
     assert not (tmp_path / "report").exists()
 
