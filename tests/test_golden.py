@@ -153,7 +153,7 @@ def regenerate() -> None:
         write_jsonl(INPUTS / "test.jsonl", conversations(17)[11:])
     shutil.rmtree(EXPECTED, ignore_errors=True)
     produce(EXPECTED)
-    for lock in [*EXPECTED.rglob(".lock"), *EXPECTED.rglob(".locks")]:
+    for lock in [*EXPECTED.rglob(".lock"), *EXPECTED.rglob(".locks"), *EXPECTED.rglob(".*.lock")]:
         shutil.rmtree(lock) if lock.is_dir() else lock.unlink()
 
 
