@@ -254,6 +254,8 @@ def shard_problem(
     if meta.get("format") != SHARD_FORMAT:
         return "not a gradproj shard"
     if identity is not None and shard_identity(meta) != identity:
+        if shard_identity(meta) is None:
+            return "written by a gradproj that did not record the run of a shard"
         return "made with other options than this run's (its identity hash differs)"
     if recorded is not None:
         if file_sha256(path) != recorded:
