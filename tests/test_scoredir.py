@@ -130,7 +130,7 @@ def test_staging_of_a_dead_scoring_is_removed_and_a_lost_swap_undone(scored, tmp
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_scoring_removes_its_staging(scored, tmp_path, signum):
-    before = tree_bytes(scored)
+    before, handler = tree_bytes(scored), signal.getsignal(signal.SIGTERM)
 
     def build(folder):
         (folder / "topk.jsonl").write_text("partial")
@@ -140,7 +140,7 @@ def test_a_signal_during_scoring_removes_its_staging(scored, tmp_path, signum):
     expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     with pytest.raises(expected), scoredir.exclusive_output(scored):
         scoredir.replace_dir(scored, build)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) == handler  # the handler is put back
     assert tree_bytes(scored) == before
     assert [p.name for p in scored.parent.iterdir() if ".staging-" in p.name] == []
 
