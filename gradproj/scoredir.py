@@ -189,20 +189,28 @@ def replace_dir(out: Path, build: Callable[[Path], None]) -> None:
     process killed (SIGKILL) leaves `.<name>.staging-*` (or between the two renames
     `.<name>.old-*`), which the next scoring into `out` cleans up.
     """
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = None
     try:
+        with _signals_held():  # a signal right after mkdtemp would leave it unnamed here
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
         store.honour_umask(staging, directory=True)  # mkdtemp makes 0700
         build(staging)
-        # no signal between the renames: it would leave neither scoring in place
-        blocked = {signal.SIGTERM, signal.SIGINT}
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
+        with _signals_held():  # between the renames, a signal would leave neither scoring
             _swap(staging, out)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait (are delivered on leaving) while a few steps must not be cut."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _swap(staging: Path, out: Path) -> None:
