@@ -77,12 +77,14 @@ Example:
 
 VERIFY_DOC = """\
 Check a run's shards against its manifest (or every run below a directory); exit status 0 only
-when every run is complete and its manifest lists every shard.
+when every run is complete: every shard present, made by this run's options, matching its
+checksum and listed in the manifest (the one definition that extract, merge and score use).
 """
 
 MERGE_DOC = """\
-Rebuild a run's manifest.json from the shards present (after the tasks of a SLURM job array),
-or of every run below a directory.
+Rebuild a run's manifest.json from the shards present (after the tasks of a SLURM job array, or
+when it was lost or damaged: then from the shards' own metadata), or of every run below a
+directory; then verify it as `gradproj verify` does (exit status 0 only when complete).
 """
 
 EXTRACT_OPTIONS = {
@@ -313,21 +315,33 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_dirs_below(path: str) -> list[Path]:
-    """`path` itself when it is a run directory, else every run directory below it."""
+    """`path` itself when it is a run directory, else every run directory below it: each folder
+    holding a manifest.json or shards (a run whose manifest was lost is still a run)."""
     from gradproj import store
 
     root = Path(path)
-    if (root / store.MANIFEST).is_file() or not root.is_dir():
+    if (root / store.MANIFEST).is_file() or store.shard_files(root) or not root.is_dir():
         return [root]
-    return sorted(p.parent for p in root.rglob(store.MANIFEST)) or [root]
+    found = {p.parent for p in root.rglob(store.MANIFEST)}
+    found |= {p.parent for p in root.rglob("*.safetensors") if store.shard_span(p)}
+    return sorted(found) or [root]
 
 
 def verify_run(path: str) -> int:
     """Print complete, missing and corrupt shards of a run (or of every run below `path`);
-    exit status 0 only when every run is complete and its manifest lists every shard."""
+    exit status 0 only when every run is complete (`store.VerifyReport.ok`)."""
+    from gradproj import store
+    from gradproj.errors import UserError
+
     status = 0
     for run_path in run_dirs_below(path):
-        status |= _verify_one(run_path)
+        try:
+            status |= _verify_one(run_path)
+        except UserError as err:  # a run whose manifest is lost or damaged: say so, go on
+            if not store.shard_files(run_path):
+                raise
+            print(f"{run_path}: INCOMPLETE: {err}")
+            status = 1
     return status
 
 
@@ -336,19 +350,12 @@ def _verify_one(path: Path) -> int:
 
     run = store.Run(path)
     report = run.verify()
-    for label, names in (("missing", report.missing), ("corrupt", report.corrupt)):
-        for name in names:
-            print(f"{label}: {path / name}")
-    listed = {s["file"] for s in run.manifest["shards"]}
-    unmerged = [name for name in report.complete if name not in listed]
+    for name in report.missing:
+        print(f"missing: {path / name}")
+    for name, problem in report.corrupt.items():
+        print(f"corrupt: {path / name} ({problem})")
     if not report.ok:
-        print(f"{path}: INCOMPLETE: {report.summary()}; rerun the extraction to resume it")
-        return 1
-    if unmerged:
-        print(
-            f"{path}: every shard is present, but manifest.json lacks {len(unmerged)} of them "
-            f"({', '.join(unmerged[:5])}); run: extract_gradients.py --merge {path}"
-        )
+        print(f"{path}: INCOMPLETE: {report.summary()}; {report.advice(path)}")
         return 1
     print(
         f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
@@ -358,18 +365,23 @@ def _verify_one(path: Path) -> int:
 
 
 def merge_run(path: str) -> int:
-    """Rebuild manifest.json from the shards present (after job-array tasks), of a run or of
-    every run below `path`."""
+    """Rebuild manifest.json from the shards present (after job-array tasks, or when it was lost
+    or damaged), of a run or of every run below `path`; every shard is checked."""
     from gradproj import store
 
+    status = 0
     for run_path in run_dirs_below(path):
-        manifest = store.Run(run_path).manifest
-        header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
-        merged = store.merge_manifest(
-            run_path, header, manifest["n_examples"], manifest["shard_size"], {}
-        )
-        print(f"{run_path}: {len(merged['shards'])} shard(s), complete={merged['complete']}")
-    return 0
+        problem = store.manifest_problem(run_path)
+        if problem is None:
+            manifest = store.Run(run_path).manifest
+            header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
+            n_examples = manifest["n_examples"]
+        else:
+            header, n_examples = store.header_from_shards(run_path)
+            print(f"{run_path} {problem}: rebuilding it from the metadata of its shards")
+        store.merge_manifest(run_path, header, n_examples, header["shard_size"], {}, check=True)
+        status |= _verify_one(run_path)
+    return status
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,22 @@ def _load_base_split(dataset: str, base: str) -> datasets.Dataset:
     return _load_hub_split(dataset, base)
 
 
+def hub_advice() -> str:
+    """What to do when the hub could not be asked: it depends on whether offline mode is set."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        return ", or unset HF_HUB_OFFLINE to download"
+    return ", and that this machine can reach huggingface.co (or use a local copy)"
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path (a hub id is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def _load_hub_split(dataset: str, base: str) -> datasets.Dataset:
+    if looks_like_path(dataset):
+        raise UserError(f"dataset {dataset!r}: no such file or directory")
     try:
         return datasets.load_dataset(dataset, split=base)
     except ValueError as err:
@@ -115,7 +131,7 @@ def _load_hub_split(dataset: str, base: str) -> datasets.Dataset:
     except Exception as err:
         raise UserError(
             f"dataset {dataset!r} is neither a local path nor reachable on the hub "
-            f"({_first_line(err)}); check the name, or unset HF_HUB_OFFLINE to download"
+            f"({_first_line(err)}); check the name{hub_advice()}"
         ) from err
 
 
@@ -228,6 +244,18 @@ def row_problem(row: dict, paradigm: str) -> str | None:
     if row.get("messages") is None:
         return "neither 'text' nor 'messages'"
     return conversation_problem(row["messages"], need_assistant=False)
+
+
+def example_ids(rows: datasets.Dataset, first_row: int = 0) -> list[str]:
+    """Every chosen row's example id (`example_id`), in order."""
+    keys = [c for c in ("id", "prompt_id") if c in rows.column_names]
+    if not keys:
+        return [str(first_row + i) for i in range(len(rows))]
+    ids = []
+    for batch in rows.select_columns(keys).iter(batch_size=4096):
+        for position, values in enumerate(zip(*batch.values(), strict=True), start=len(ids)):
+            ids.append(example_id(dict(zip(keys, values, strict=True)), first_row + position))
+    return ids
 
 
 def invalid_rows(rows: datasets.Dataset, paradigm: str, first_row: int = 0) -> list[dict]:

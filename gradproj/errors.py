@@ -7,15 +7,17 @@ from collections.abc import Callable
 
 # Where a bug is reported: the project has no public address of its own yet.
 REPORT_TO = "the gradproj issue tracker"
+# True of every command: an extraction keeps its finished shards, a scoring its previous output
+NOTHING_PARTIAL = "nothing partial was kept; an extraction resumes from its finished shards"
 # OS errors of the environment, not of gradproj: the user (or the cluster's admin) can fix them.
 ENVIRONMENT_ERRNOS = {
     errno.EACCES: "permission denied; choose a directory you can write, or fix its permissions",
     errno.EPERM: "operation not permitted; choose a directory you can write",
     errno.EROFS: "read-only file system; choose a writable directory",
-    errno.ENOSPC: "no space left on the device; free some space or choose another directory "
-    "(nothing partial was kept: rerun the same command to resume)",
-    errno.EDQUOT: "disk quota exceeded; free some space or choose another directory "
-    "(nothing partial was kept: rerun the same command to resume)",
+    errno.ENOSPC: "no space left on the device; free some space or choose another directory, "
+    f"then rerun the same command ({NOTHING_PARTIAL})",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another directory, then rerun "
+    f"the same command ({NOTHING_PARTIAL})",
     errno.EIO: "input/output error; check the disk or network file system",
     errno.ENOENT: "no such file or directory",
     errno.ENOTDIR: "a part of the path is not a directory",
@@ -25,6 +27,33 @@ ENVIRONMENT_ERRNOS = {
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the problem and what to do."""
+
+
+class Terminated(BaseException):
+    """A SIGTERM turned into an exception (where a command asks for it), so that it unwinds
+    like Ctrl-C and removes what it was writing."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def check_unique_ids(ids: list[str], where: str, first_row: int = 0, most: int = 20) -> None:
+    """Refuse duplicate example ids, naming each with its rows (the first `most`): ids are the
+    join key of every later file (scores, top-k lists, metrics), where duplicates could not be
+    told apart."""
+    rows: dict[str, list[int]] = {}
+    for position, example in enumerate(ids):
+        rows.setdefault(example, []).append(first_row + position)
+    duplicates = [(k, v) for k, v in rows.items() if len(v) > 1]
+    if not duplicates:
+        return
+    named = "; ".join(f"{k!r} (rows {', '.join(map(str, v))})" for k, v in duplicates[:most])
+    more = f" and {len(duplicates) - most} more" if len(duplicates) > most else ""
+    raise UserError(
+        f"{where} has {len(duplicates)} duplicate example id(s): {named}{more}; ids join every "
+        "output (scores, top-k lists, metrics), so give each example its own id"
+    )
 
 
 def environment_message(err: OSError) -> str | None:
@@ -47,6 +76,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated as err:
+        print(f"stopped by signal {err.signum}; {NOTHING_PARTIAL}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except OSError as err:
         message = environment_message(err)
         if message is None:

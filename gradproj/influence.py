@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from gradproj import scoredir, store
-from gradproj.errors import UserError
+from gradproj.errors import UserError, check_unique_ids
 from gradproj.scoredir import FUNCTIONS
 
 FUNC_CHOICES = (*FUNCTIONS, "both")
@@ -103,6 +103,7 @@ def open_run(path: str, role: str) -> store.Run:
         if missing:
             raise UserError(f"{path}: manifest.json lacks {', '.join(missing)}; re-extract")
         run.require_complete()
+        check_unique_ids(run.ids, f"run {path}")
     except UserError as err:
         raise UserError(f"--{role}: {err}") from None
     return run
@@ -137,6 +138,21 @@ def check_compatible(train: store.Run, test: store.Run) -> None:
         raise UserError(
             f"train and test runs differ in {'; '.join(differences)}: their gradients are not "
             "comparable; extract both with the same model, checkpoint, target and projection"
+        )
+
+
+def warn_truncation(train: store.Run, test: store.Run) -> None:
+    """Runs of different --max_seq_length are comparable, but their examples were cut at
+    different lengths (for the embedding target, position-aligned gradients of different
+    prefixes): scored, with a warning."""
+    lengths = train.manifest.get("max_seq_length"), test.manifest.get("max_seq_length")
+    if None not in lengths and lengths[0] != lengths[1]:
+        print(
+            f"warning: the train run was extracted with max_seq_length {lengths[0]} and the "
+            f"test run with {lengths[1]}: examples longer than {min(lengths)} tokens were cut "
+            "at different lengths; extract both with one --max_seq_length to compare like "
+            "with like",
+            file=sys.stderr,
         )
 
 
@@ -490,8 +506,13 @@ def per_test_stats(scores: Scores) -> dict:
 
 
 def manifest_summary(run: store.Run) -> dict:
+    """The run's description; `examples_sha256` names its examples (dataset rows and ids, kept
+    and skipped), so that `gradproj compare` can tell scorings of other examples apart."""
     described = {key: run.manifest.get(key) for key in MANIFEST_FIELDS}
-    return described | {"manifest_sha256": store.file_sha256(run.path / store.MANIFEST)}
+    return described | {
+        "manifest_sha256": store.file_sha256(run.path / store.MANIFEST),
+        "examples_sha256": store.examples_sha256(run.manifest),
+    }
 
 
 def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
@@ -579,21 +600,23 @@ def score_influence(cfg: ScoreConfig) -> Path:
     """Score the runs, write the score directory (replacing it whole), return its path."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
+    warn_truncation(train, test)
     out = output_dir(cfg, train, test)
-    scoredir.check_replaceable(out)
-    plan = plan_memory(cfg, train, test)
-    scores = Scorer(cfg, train, test, plan).run()
-    warn_excluded(scores.excluded)
+    with scoredir.exclusive_output(out):  # before the compute: a second writer fails at once
+        scoredir.check_replaceable(out)
+        plan = plan_memory(cfg, train, test)
+        scores = Scorer(cfg, train, test, plan).run()
+        warn_excluded(scores.excluded)
 
-    def build(folder: Path) -> None:
-        ids = (scores.train_ids, scores.test_ids)
-        scoredir.write_scores(folder, scores.matrices, *ids, train.path, test.path)
-        positions = topk_positions(scores, cfg.top_k)
-        lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
-        scoredir.write_topk(folder, lines)
-        scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
-        if cfg.mapped:
-            write_mapped(folder, cfg, scores, train)
+        def build(folder: Path) -> None:
+            ids = (scores.train_ids, scores.test_ids)
+            scoredir.write_scores(folder, scores.matrices, *ids, train.path, test.path)
+            positions = topk_positions(scores, cfg.top_k)
+            lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
+            scoredir.write_topk(folder, lines)
+            scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
+            if cfg.mapped:
+                write_mapped(folder, cfg, scores, train)
 
-    scoredir.replace_dir(out, build)
+        scoredir.replace_dir(out, build)
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from gradproj.data import ensure_chat_template
+from gradproj.data import ensure_chat_template, hub_advice, looks_like_path
 from gradproj.errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
@@ -93,7 +93,7 @@ def hub_branches(model: str) -> list[str]:
     except Exception as err:
         raise UserError(
             f"model {model!r} is neither a local path nor reachable on the hub "
-            f"({type(err).__name__}); check the name, or unset HF_HUB_OFFLINE to download"
+            f"({type(err).__name__}); check the name{hub_advice()}"
         ) from err
     return sorted(b.name for b in refs.branches)
 
@@ -108,6 +108,10 @@ def resolve_checkpoint(model: str, checkpoint_nr: int) -> Checkpoint:
     if path.is_dir():
         found = [str(p) for p in local_checkpoints(path)] or [str(path)]
         return _pick(model, found, checkpoint_nr, local=True)
+    if looks_like_path(model):
+        raise UserError(
+            f"model {model!r}: no such directory; give a model directory or a hub id (owner/name)"
+        )
     if checkpoint_nr == 0 and os.environ.get("HF_HUB_OFFLINE") == "1":
         return Checkpoint(model, None, "main")
     branches = [b for b in hub_branches(model) if b != "main"] or ["main"]

@@ -8,10 +8,15 @@ computes what goes in; this module names the files, writes them (into a staging 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 
 from gradproj import __version__, store
-from gradproj.errors import UserError
+from gradproj.errors import Terminated, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -125,32 +130,97 @@ def is_score_dir(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def exclusive_output(out: Path) -> Iterator[None]:
+    """Hold the one writer's lock of the score directory `out`, or fail at once.
+
+    The lock is an flock on `.<name>.lock` beside `out` (kept, as deleting a lock file another
+    process has open would let two processes hold "the same" lock); it dies with its holder, so
+    a killed scoring never blocks the next. While it is held, SIGTERM unwinds like Ctrl-C (the
+    staging directory is removed) and any staging directory beside `out` belongs to a dead
+    process, so it is removed; a swap interrupted between its two renames is undone.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another scoring is writing --output {out} (it holds {lock}); wait for it to "
+                "finish, or give another --output"
+            ) from None
+        _remove_dead_leftovers(out)
+        with _sigterm_unwinds():
+            yield
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Under the output's lock: staging and old directories beside `out` are a dead writer's.
+    One killed between its two renames left the previous scoring as `.old-*` and no `out`:
+    that previous scoring is put back."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if not out.exists() and olds and is_score_dir(olds[-1]):
+        os.rename(olds.pop(), out)
+    for leftover in [*out.parent.glob(f".{out.name}.staging-*"), *olds]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def replace_dir(out: Path, build: Callable[[Path], None]) -> None:
     """Run `build(staging)` in a new directory beside `out`, then swap it in for `out`.
 
-    Readers see the old scoring or the new one, never a mix. A process killed before the swap
-    leaves `.<name>.staging-*` (or between the two renames `.<name>.old-*`) beside `out`; the
-    next scoring into `out` removes them.
+    Readers see the old scoring or the new one, never a mix. Call it under
+    `exclusive_output(out)`. An error, Ctrl-C or SIGTERM removes the staging directory; a
+    process killed (SIGKILL) leaves `.<name>.staging-*` (or between the two renames
+    `.<name>.old-*`), which the next scoring into `out` cleans up.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out.parent.glob(f".{out.name}.staging-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in out.parent.glob(f".{out.name}.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = None
     try:
+        with _signals_held():  # a signal right after mkdtemp would leave it unnamed here
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
         store.honour_umask(staging, directory=True)  # mkdtemp makes 0700
         build(staging)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, out)
+        with _signals_held():  # between the renames, a signal would leave neither scoring
+            _swap(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait (are delivered on leaving) while a few steps must not be cut."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _swap(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+    os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old)
 
 
 # --- Reading ---
@@ -181,12 +251,15 @@ class ScoreDir:
 
     @property
     def dim(self) -> int | None:
-        return int(self.projection["dim"]) if self.projection else None
+        """The projected length k of one example (k_out * k_in for a kronecker `16x16`)."""
+        if not self.projection:
+            return None
+        return math.prod(int(factor) for factor in str(self.projection["dim"]).split("x"))
 
     @property
     def label(self) -> str:
-        """Short name: `full` or `<type>_<dim>`."""
-        return "full" if self.dim is None else f"{self.projection_type}_{self.dim}"
+        """Short name: `full` or `<type>_<dim>` (a kronecker one as written: `kronecker_16x16`)."""
+        return "full" if self.dim is None else f"{self.projection_type}_{self.projection['dim']}"
 
 
 def read_summary(path: str | Path) -> dict:

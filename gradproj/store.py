@@ -33,7 +33,10 @@ SHARD_FORMAT = "gradproj-shard/1"
 RUN_FORMAT = "gradproj-run/1"
 METADATA_KEY = "gradproj"  # a safetensors file's one metadata key (see `write_safetensors`)
 # Manifest fields rebuilt from the shards on every merge; the rest is the run's header.
-DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped")
+DERIVED_FIELDS = ("format", "n_examples", "complete", "shards", "examples", "skipped", "rejected")
+# Header fields a shard does not carry: they vary between the processes that write one run
+# (device, batch size, task range, package versions) and would make equal shards differ.
+PROCESS_FIELDS = ("options", "versions")
 
 
 def current_umask() -> int:
@@ -87,8 +90,25 @@ def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def identity_sha256(identity: dict) -> str:
+    """The hash of a run's identity (every option that decides its bytes)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def examples_sha256(manifest: dict) -> str:
+    """The hash of a run's examples: the (dataset row, id) of each, kept or skipped."""
+    held = sorted((e.get("index", -1), e["id"]) for e in manifest["examples"] + manifest["skipped"])
+    return hashlib.sha256(json.dumps(held).encode()).hexdigest()
+
+
 def shard_name(start: int, end: int) -> str:
     return f"{start}_{end}.safetensors"
+
+
+def shard_span(path: Path) -> tuple[int, int] | None:
+    """(start, end) of a file named like a shard, else None."""
+    span = re.fullmatch(r"(\d+)_(\d+)\.safetensors", Path(path).name)
+    return (int(span[1]), int(span[2])) if span else None
 
 
 def shard_ranges(start: int, end: int, per_file: int) -> list[tuple[int, int]]:
@@ -106,9 +126,19 @@ class ShardRecord:
 
 
 def write_shard(
-    run_dir: Path, start: int, end: int, tensors: dict[str, torch.Tensor], record: ShardRecord
+    run_dir: Path,
+    start: int,
+    end: int,
+    tensors: dict[str, torch.Tensor],
+    record: ShardRecord,
+    run: dict | None = None,
 ) -> dict:
-    """Write one shard atomically; returns its manifest entry."""
+    """Write one shard atomically; returns its manifest entry.
+
+    `run` is the run's header (without `PROCESS_FIELDS`) and `n_examples`: with its
+    `identity_sha256` a shard says which run it belongs to, and a lost manifest is rebuilt
+    from it (`header_from_shards`).
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     info = {
         "format": SHARD_FORMAT,
@@ -118,6 +148,8 @@ def write_shard(
         "skipped": record.skipped,
         "content_sha256": content_sha256(tensors),
     }
+    if run is not None:
+        info["run"] = run
     path = Path(run_dir) / shard_name(start, end)
     # named by the shard: a dead writer's leftover is removed by whoever claims the shard next
     write_safetensors(tensors, path, info, tmp_prefix=f".shard-{start}_{end}-")
@@ -195,6 +227,46 @@ def check_shard(path: Path) -> ShardRecord | None:
     return ShardRecord(meta["examples"], meta["skipped"])
 
 
+def shard_identity(meta: dict) -> str | None:
+    """The identity hash a shard's metadata records (None for shards of gradproj < 0.2)."""
+    run = meta.get("run")
+    return run.get("identity_sha256") if isinstance(run, dict) else None
+
+
+def shard_problem(
+    path: Path, identity: str | None, recorded: str | None, rows: list | None = None
+) -> str | None:
+    """Why the shard at `path` is not an accepted part of the run, or None: the one test of a
+    shard that extract, verify, merge and score share.
+
+    A shard is accepted when it exists and parses, records the run's `identity` (a hash; None
+    skips the test, for runs of gradproj < 0.2), matches the checksum the manifest `recorded`
+    for it (its whole file) or, when none is recorded, its own content checksum, and holds
+    exactly `rows` (its (index, id) pairs, when the caller knows the dataset).
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        meta = read_shard_metadata(path)
+        held = sorted((e["index"], e["id"]) for e in meta["examples"] + meta["skipped"])
+    except Exception:
+        return "unreadable (its header or metadata is damaged)"
+    if meta.get("format") != SHARD_FORMAT:
+        return "not a gradproj shard"
+    if identity is not None and shard_identity(meta) != identity:
+        if shard_identity(meta) is None:
+            return "written by a gradproj that did not record the run of a shard"
+        return "made with other options than this run's (its identity hash differs)"
+    if recorded is not None:
+        if file_sha256(path) != recorded:
+            return "its checksum differs from the one manifest.json records"
+    elif check_shard(path) is None:
+        return "its tensors do not match their checksum"
+    if rows is not None and held != sorted(map(tuple, rows)):
+        return "holds other examples than the dataset's rows it stands for"
+    return None
+
+
 def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as f:
         meta = read_metadata(f)
@@ -224,21 +296,50 @@ def load_shard(path: Path) -> Shard:
 
 @dataclass
 class VerifyReport:
-    complete: list[str]
-    missing: list[str]
-    corrupt: list[str]
+    """The one definition of a complete run: every expected shard accepted (`shard_problem`)
+    and listed in the manifest."""
+
+    complete: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    corrupt: dict[str, str] = field(default_factory=dict)  # shard -> why
+    unlisted: list[str] = field(default_factory=list)  # accepted, but not in manifest.json
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and not self.unlisted
 
     def summary(self) -> str:
         parts = [f"{len(self.complete)} complete"]
         if self.missing:
             parts.append(f"{len(self.missing)} missing ({', '.join(self.missing[:5])})")
         if self.corrupt:
-            parts.append(f"{len(self.corrupt)} corrupt ({', '.join(self.corrupt[:5])})")
+            named = ", ".join(f"{k}: {v}" for k, v in list(self.corrupt.items())[:5])
+            parts.append(f"{len(self.corrupt)} corrupt ({named})")
+        if self.unlisted:
+            parts.append(f"{len(self.unlisted)} not in manifest.json yet")
         return ", ".join(parts)
+
+    def advice(self, path: Path) -> str:
+        if self.missing or self.corrupt:
+            return "rerun the extraction: it computes the missing and corrupt shards"
+        return f"rebuild the manifest: gradproj merge {path}"
+
+
+def manifest_problem(run_dir: Path) -> str | None:
+    """None when the run directory's manifest.json reads, else what is wrong with it."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return f"has no {MANIFEST}"
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"has a {MANIFEST} that is not valid JSON ({err})"
+    return None
+
+
+def shard_files(run_dir: Path) -> list[Path]:
+    """The files of a run directory named like shards, in shard order."""
+    return sorted((p for p in Path(run_dir).glob("*.safetensors") if shard_span(p)), key=shard_span)
 
 
 class Run:
@@ -246,16 +347,20 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest = self.path / MANIFEST
-        if not manifest.is_file():
+        problem = manifest_problem(self.path)
+        if problem is not None and shard_files(self.path):
+            raise UserError(
+                f"{self.path} {problem}; rebuild it from the metadata of its "
+                f"{len(shard_files(self.path))} shard(s): gradproj merge {self.path}"
+            )
+        if problem is not None and problem.startswith("has no"):
             raise UserError(
                 f"{self.path} is not a gradient run (no {MANIFEST}); "
                 "pass a directory written by extract_gradients.py"
             )
-        try:
-            self.manifest = json.loads(manifest.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{manifest} is not valid JSON ({err}); rerun the extraction") from err
+        if problem is not None:
+            raise UserError(f"{self.path} {problem}, and no shards; rerun the extraction")
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
 
     @property
     def kind(self) -> str:
@@ -275,15 +380,18 @@ class Run:
 
     def verify(self) -> VerifyReport:
         recorded = {s["file"]: s["sha256"] for s in self.manifest["shards"]}
-        report = VerifyReport([], [], [])
+        recorded |= {s["file"]: s["sha256"] for s in self.manifest.get("rejected", [])}
+        listed = {s["file"] for s in self.manifest["shards"]}
+        identity = self.manifest.get("identity_sha256")
+        report = VerifyReport()
         for name in self.expected_shards():
-            path = self.path / name
-            if not path.is_file():
+            problem = shard_problem(self.path / name, identity, recorded.get(name))
+            if problem == "missing":
                 report.missing.append(name)
-            elif name in recorded and file_sha256(path) != recorded[name]:
-                report.corrupt.append(name)
-            elif name not in recorded and check_shard(path) is None:
-                report.corrupt.append(name)
+            elif problem is not None:
+                report.corrupt[name] = problem
+            elif name not in listed:
+                report.unlisted.append(name)
             else:
                 report.complete.append(name)
         return report
@@ -292,8 +400,7 @@ class Run:
         report = self.verify()
         if not report.ok:
             raise UserError(
-                f"run {self.path} is incomplete: {report.summary()}; "
-                "rerun the extraction to resume it"
+                f"run {self.path} is incomplete: {report.summary()}; {report.advice(self.path)}"
             )
         if not self.manifest["examples"]:
             raise UserError(f"run {self.path} holds no gradients (every example was skipped)")
@@ -350,16 +457,23 @@ class Run:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Fail before any compute when a run directory cannot be created or written."""
+    """Fail before any compute when a run directory cannot be created or written. Leaves
+    nothing behind: a model that then fails to load must not leave empty run directories."""
+    run_dir = Path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".lock", "a"):
+        with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as err:
         raise UserError(
             f"cannot write the output directory {run_dir} ({err.strerror}); choose a writable "
             "--gradients_output_path"
         ) from err
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):  # e.g. another task's shards appeared
+                folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -412,33 +526,42 @@ def run_lock(run_dir: Path):
 
 
 def merge_manifest(
-    run_dir: Path, header: dict, n_examples: int, per_file: int, fresh: dict[str, dict]
+    run_dir: Path,
+    header: dict,
+    n_examples: int,
+    per_file: int,
+    fresh: dict[str, dict],
+    check: bool = False,
 ) -> dict:
     """Rebuild manifest.json from the shards present.
 
-    `fresh` holds the entries of shards this process just wrote; other shards keep the checksum
-    already recorded, or are checked once if they were never recorded (a task preempted between
-    writing a shard and merging).
+    `fresh` holds the entries of shards this process just wrote. Other shards are accepted by
+    `shard_problem` against the checksum already recorded (or their own, if never recorded: a
+    task preempted between writing a shard and merging); without `check`, a shard the manifest
+    already lists is only checked for its identity, not read whole (an extraction checked
+    every shard when it began). A shard not accepted is listed under "rejected", with why.
     """
     run_dir = Path(run_dir)
+    identity = header.get("identity_sha256")
     with run_lock(run_dir):
         path = run_dir / MANIFEST
         for leftover in run_dir.glob(f".{MANIFEST}.*.tmp"):  # of a merge killed mid-write
             leftover.unlink(missing_ok=True)
-        known = {}
-        if path.is_file():
-            with contextlib.suppress(json.JSONDecodeError, KeyError):
-                known = {s["file"]: s for s in json.loads(path.read_text())["shards"]}
-        known.update(fresh)
-        shards, examples, skipped = [], [], []
+        listed, rejected = _recorded_entries(path)
+        listed.update(fresh)
+        shards, examples, skipped, refused = [], [], [], []
         for start, end in shard_ranges(0, n_examples, per_file):
             name = shard_name(start, end)
             if not (run_dir / name).is_file():
                 continue
-            entry, record = describe_shard(run_dir / name, known.get(name))
-            if entry is None:
+            trusted = name in listed and not check
+            entry = listed.get(name) or rejected.get(name)
+            problem, record = _accept(run_dir / name, identity, entry, trusted or name in fresh)
+            if problem is not None:
+                sha = entry["sha256"] if entry else None
+                refused.append({"file": name, "sha256": sha, "reason": problem})
                 continue
-            shards.append(entry)
+            shards.append(listed.get(name) or shard_entry(run_dir / name, record))
             examples += record.examples
             skipped += record.skipped
         manifest = {
@@ -450,31 +573,73 @@ def merge_manifest(
             "examples": examples,
             "skipped": skipped,
         }
+        if refused:
+            manifest["rejected"] = refused
         atomic_write_json(path, manifest)
     return manifest
 
 
-def describe_shard(path: Path, entry: dict | None) -> tuple[dict | None, ShardRecord | None]:
-    """A shard's manifest entry and record; (None, None) for a file that is not a valid shard."""
-    if entry is None:
-        record = check_shard(path)
-        return (None, None) if record is None else (shard_entry(path, record), record)
+def _recorded_entries(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The listed and the rejected shard entries of a manifest ({} when it cannot be read)."""
+    try:
+        manifest = json.loads(path.read_text())
+        listed = {s["file"]: s for s in manifest["shards"]}
+        rejected = {s["file"]: s for s in manifest.get("rejected", []) if s.get("sha256")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}
+    return listed, rejected
+
+
+def _accept(path: Path, identity, entry: dict | None, trusted: bool):
+    """(None, record) for an accepted shard, else (why, None); `trusted`: its checksum was
+    recorded by a check already made, so only its identity is read."""
+    if not trusted:
+        problem = shard_problem(path, identity, entry["sha256"] if entry else None)
+        if problem is not None:
+            return problem, None
     try:
         meta = read_shard_metadata(path)
         record = ShardRecord(meta["examples"], meta["skipped"])
     except Exception:
-        return None, None
-    return entry, record
+        return "unreadable (its header or metadata is damaged)", None
+    if identity is not None and shard_identity(meta) != identity:
+        return "made with other options than this run's (its identity hash differs)", None
+    return None, record
+
+
+def header_from_shards(run_dir: Path) -> tuple[dict, int]:
+    """A run's header and example count, read from its shards' metadata (the manifest lost).
+
+    Refuses shards that disagree on the run they belong to: which to keep is the user's call.
+    """
+    runs = {}
+    for path in shard_files(run_dir):
+        with contextlib.suppress(Exception):
+            run = read_shard_metadata(path).get("run")
+            if isinstance(run, dict) and run.get("identity_sha256"):
+                runs.setdefault(run["identity_sha256"], []).append(path.name)
+                header = run
+    if not runs:
+        raise UserError(
+            f"{run_dir}: no readable shard records its run (shards written by gradproj < 0.2, "
+            "or damaged); rerun the extraction"
+        )
+    if len(runs) > 1:
+        groups = "; ".join(f"{', '.join(names[:3])}" for names in runs.values())
+        raise UserError(
+            f"{run_dir}: its shards were made by {len(runs)} runs with different options "
+            f"({groups}); delete the shards of the run you do not want, or rerun the extraction "
+            "into a new --gradients_output_path"
+        )
+    header = dict(header)
+    return header, header.pop("n_examples")
 
 
 def recorded_checksums(run_dir: Path) -> dict[str, str]:
-    """The sha256 that manifest.json records per shard file (empty without a manifest)."""
-    path = Path(run_dir) / MANIFEST
-    try:
-        shards = json.loads(path.read_text())["shards"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return {}
-    return {s["file"]: s["sha256"] for s in shards}
+    """The sha256 that manifest.json records per shard, listed or rejected (empty without a
+    readable manifest)."""
+    listed, rejected = _recorded_entries(Path(run_dir) / MANIFEST)
+    return {name: s["sha256"] for name, s in (rejected | listed).items()}
 
 
 # --- The tensors of a shard ---

@@ -237,7 +237,7 @@ def test_scoring_again_replaces_the_directory_whole(projected_run, tmp_path):
     assert score_main([*base, "--func", "dot"]) == 0
     assert {p.name for p in out.iterdir()} == {"scores.safetensors", "topk.jsonl", "summary.json"}
     assert json.loads((out / "summary.json").read_text())["functions"] == ["dot"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scores")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scores.")] == [".scores.lock"]
 
 
 def test_scoring_into_a_directory_of_other_files_is_refused(projected_run, tmp_path, capsys):
@@ -261,7 +261,9 @@ def test_leftovers_of_a_killed_scoring_are_removed(projected_run, tmp_path):
         (tmp_path / leftover / "topk.jsonl").write_text("stale")
     argv = ["--train", str(projected_run), "--test", str(projected_run), "--output", str(out)]
     assert score_main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".scores")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".scores.")) == [
+        ".scores.lock"
+    ]
 
 
 def test_mapped_files_are_named_by_dataset_row(tiny_llama, sft_file, tmp_path):
@@ -358,6 +360,6 @@ def test_influence_output_has_no_staging_left_when_build_fails(tmp_path):
         (folder / "topk.jsonl").write_text("partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError), scoredir.exclusive_output(out):
         scoredir.replace_dir(out, build)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".scores.lock"]  # the lock file is kept

@@ -90,7 +90,7 @@ def test_corrupt_shard_is_detected_and_recomputed(tiny_llama, sft_file, tmp_path
     corrupted[-5] ^= 0xFF
     shard.write_bytes(bytes(corrupted))
     report = store.Run(run_path).verify()
-    assert report.corrupt == ["8_12.safetensors"] and not report.ok
+    assert list(report.corrupt) == ["8_12.safetensors"] and not report.ok
     assert main(["--verify", str(run_path)]) == 1
     extract(tiny_llama, sft_file, tmp_path)
     assert shard.read_bytes() == good

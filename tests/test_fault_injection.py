@@ -5,8 +5,10 @@ each of 10 runs is killed at a moment drawn uniformly from that span (so some di
 importing, some while computing, some while writing or merging), and a final run completes.
 """
 
+import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import time
 
 import pytest
 
-from gradproj.cli import extract_main
+from gradproj.cli import extract_main, score_main
+from gradproj.errors import run_cli
 from tests.conftest import REPO, conversations, write_jsonl
 
 KILLS = 10
@@ -104,3 +107,86 @@ def test_scoring_killed_ten_times_ends_byte_identical(runs, tmp_path):
     kill_and_rerun("score_influence.py", argv, span, seed=41)
     assert leftovers(out.parent) == []
     assert tree(out) == reference
+
+
+# --- Scorings that collide (issue 25): forked processes, so that 40 start in seconds ---
+
+PAIRS = 20
+TERMS = 10
+
+
+def fork_scoring(argv: list[str], log) -> multiprocessing.Process:
+    """`gradproj score ARGV` in a forked process, run as the CLI runs it (exit status, one-line
+    errors into `log`); one torch thread: the parent's thread pool does not survive a fork."""
+
+    def target():
+        import torch
+
+        torch.set_num_threads(1)
+        sys.stderr = sys.stdout = open(log, "w")  # noqa: SIM115 (closed by the exit)
+        run_cli(lambda: score_main(argv))
+
+    process = multiprocessing.get_context("fork").Process(target=target)
+    process.start()
+    return process
+
+
+def scored_tree(runs, out, top_k: str) -> tuple[list[str], dict]:
+    """The argv of a scoring into `out`, and the files it writes there when run alone (then
+    removed: summary.json names the output, so references are made in the same place)."""
+    argv = ["--train", str(runs["train"]), "--test", str(runs["test"]), "--device", "cpu",
+            "--memory_gb", "1", "--top_k", top_k, "--mapped", "--output", str(out)]  # fmt: skip
+    assert score_main(argv) == 0
+    reference = tree(out)
+    shutil.rmtree(out)
+    return argv, reference
+
+
+def test_concurrent_scorings_into_one_output_leave_one_complete_scoring(runs, tmp_path):
+    """20 times, two scorings (different --top_k) start together into one --output: each ends
+    with one of them complete there (a loser fails at once, naming the lock), never a mix."""
+    out = tmp_path / "scores" / "shared"
+    argvs, references = {}, {}
+    for name, top_k in (("a", "3"), ("b", "5")):
+        argvs[name], references[name] = scored_tree(runs, out, top_k)
+    outcomes = []
+    for i in range(PAIRS):
+        logs = {name: tmp_path / f"{name}{i}.log" for name in argvs}
+        procs = {name: fork_scoring(argvs[name], logs[name]) for name in argvs}
+        for proc in procs.values():
+            proc.join(timeout=120)
+        codes = {name: proc.exitcode for name, proc in procs.items()}
+        outcomes.append(tuple(sorted(codes.values())))
+        assert set(codes.values()) <= {0, 2} and 0 in codes.values(), codes
+        for name, code in codes.items():
+            if code == 2:
+                assert "error: another scoring is writing --output" in logs[name].read_text()
+        assert tree(out) in [references[n] for n, code in codes.items() if code == 0]
+        assert leftovers(out.parent) == []
+    print("exit codes per pair:", outcomes)
+
+
+def test_scoring_stopped_by_sigterm_leaves_the_previous_or_the_new_scoring(runs, tmp_path):
+    """SIGTERM at seeded random moments of a scoring that replaces a previous one: the output
+    is the previous scoring or the new one, complete, and no staging directory is left."""
+    out = tmp_path / "scores" / "replaced"
+    argv_old, previous = scored_tree(runs, out, "3")
+    argv_new, new = scored_tree(runs, out, "5")
+    began = time.time()
+    proc = fork_scoring(argv_new, tmp_path / "timed.log")
+    proc.join(timeout=120)
+    span = time.time() - began
+    rng, seen = random.Random(25), []
+    for i in range(TERMS):
+        assert score_main(argv_old) == 0
+        proc = fork_scoring(argv_new, tmp_path / f"term{i}.log")
+        proc.join(timeout=rng.uniform(0, span))
+        if proc.exitcode is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.join(timeout=120)
+        # 0: done before the signal; 143: stopped by it; -15: killed before scoring began
+        assert proc.exitcode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), proc.exitcode
+        assert tree(out) == new if proc.exitcode == 0 else tree(out) in (previous, new)
+        assert leftovers(out.parent) == []
+        seen.append(proc.exitcode)
+    print("exit codes:", seen)

@@ -104,7 +104,8 @@ def _placeholder(match: re.Match) -> str:
 def comparable(path: Path, out: Path):
     """What must be identical: a safetensors file's data bytes and its header (with paths as
     placeholders); a JSON file's content without what differs between machines (package
-    versions, the memory budget, checksums of manifests that hold paths); any other file's
+    versions, the memory budget, checksums of what holds paths: manifests, identities, shard
+    files); any other file's
     bytes."""
     raw = path.read_bytes()
     if path.suffix == ".safetensors":
@@ -112,6 +113,8 @@ def comparable(path: Path, out: Path):
         header = json.loads(raw[8 : 8 + size])
         metadata = header.pop("__metadata__", {})
         metadata = {k: json.loads(normalised_text(v, out)) for k, v in metadata.items()}
+        # the run's identity holds the checkout's paths, so its hash differs by checkout
+        metadata.get("gradproj", {}).get("run", {}).pop("identity_sha256", None)
         return header, metadata, raw[8 + size :]
     if path.suffix == ".json":
         content = json.loads(normalised_text(raw.decode(), out))
@@ -120,6 +123,10 @@ def comparable(path: Path, out: Path):
             content.get("blocks", {}).pop("memory_budget_bytes", None)
             for role in ("train_manifest", "test_manifest"):
                 content.get(role, {}).pop("manifest_sha256", None)
+            # hashes of what holds the checkout's paths: the identity and the shard files
+            content.pop("identity_sha256", None)
+            for shard in content.get("shards", []):
+                shard.pop("sha256", None)
         return content
     return normalised_text(raw.decode(), out)
 
@@ -153,7 +160,7 @@ def regenerate() -> None:
         write_jsonl(INPUTS / "test.jsonl", conversations(17)[11:])
     shutil.rmtree(EXPECTED, ignore_errors=True)
     produce(EXPECTED)
-    for lock in [*EXPECTED.rglob(".lock"), *EXPECTED.rglob(".locks")]:
+    for lock in [*EXPECTED.rglob(".lock"), *EXPECTED.rglob(".locks"), *EXPECTED.rglob(".*.lock")]:
         shutil.rmtree(lock) if lock.is_dir() else lock.unlink()
 
 

@@ -1,6 +1,7 @@
 """Hostile and unusual input (issue 14): every row of its table, with the exact expectation."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -237,3 +238,100 @@ def test_text_the_tokenizer_cannot_take_is_named_or_skipped(
     assert {s["id"]: s["reason"] for s in run.skipped}["ex_006"] == (
         "invalid row: the tokenizer cannot take it (ValueError: cannot encode this)"
     )
+
+
+# --- issue 25 items 9 and 10: leftovers and messages ---
+
+
+def test_a_model_that_fails_to_load_leaves_no_run_directories(sft_file, tmp_path, capsys):
+    """Each failed load used to leave `.lock` skeleton directories under the output root."""
+    empty_model = tmp_path / "model"
+    empty_model.mkdir()
+    out = tmp_path / "g"
+    lines = error_lines(argv(empty_model, sft_file, out), capsys)
+    assert lines[0].startswith(f"error: cannot load the tokenizer '{empty_model}'")
+    assert not out.exists()
+
+
+def test_a_missing_local_model_path_is_named_as_such(sft_file, tmp_path, capsys):
+    lines = error_lines(argv("./nosuchdir", sft_file, tmp_path / "g"), capsys)
+    assert lines == [
+        "error: model './nosuchdir': no such directory; give a model directory or a hub id "
+        "(owner/name)"
+    ]
+
+
+def test_a_missing_local_dataset_path_is_named_as_such():
+    from gradproj.errors import UserError
+
+    with pytest.raises(UserError, match=r"^dataset '\./nosuch\.jsonl': no such file or directory$"):
+        data.load_rows("./nosuch.jsonl", "train")
+
+
+@pytest.mark.parametrize(("offline", "says_unset"), [("1", True), (None, False)])
+def test_unreachable_hub_advice_depends_on_offline_mode(monkeypatch, offline, says_unset):
+    import huggingface_hub
+
+    from gradproj import models
+    from gradproj.errors import UserError
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", unreachable)
+    if offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    with pytest.raises(UserError) as info:
+        models.hub_branches("owner/model")
+    assert ("unset HF_HUB_OFFLINE" in str(info.value)) is says_unset
+    if not says_unset:
+        assert str(info.value).endswith("can reach huggingface.co (or use a local copy)")
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_batch_tokens_zero_is_refused_like_any_value_below_one(tmp_path, value):
+    """0 used to mean the default silently, while -5 was refused."""
+    from gradproj.errors import UserError
+    from gradproj.extract import ExtractConfig
+
+    with pytest.raises(UserError, match=r"^--batch_tokens must be at least 1$"):
+        ExtractConfig(model="m", dataset="d", batch_tokens=value, device="cpu")
+
+
+def test_a_tiny_projection_budget_names_a_budget_above_zero(tiny_llama, sft_file, tmp_path, capsys):
+    """It said "raise --proj_memory_gb above 0.00"."""
+    extra = ("--random_projection", "--proj_dim", "16", "--proj_memory_gb", "1e-9")
+    (line,) = error_lines(argv(tiny_llama, sft_file, tmp_path / "g", *extra), capsys)
+    needed = re.search(r"raise --proj_memory_gb above (\S+)$", line)
+    assert needed and float(needed[1]) > 1e-9 and "0.00" not in line
+
+
+def test_disk_full_advice_fits_scoring_too():
+    """Scoring has nothing to resume: the advice must not promise it."""
+    import errno
+
+    from gradproj.errors import environment_message
+
+    message = environment_message(OSError(errno.ENOSPC, "No space left", "/x/scores.safetensors"))
+    assert message == (
+        "/x/scores.safetensors: no space left on the device; free some space or choose another "
+        "directory, then rerun the same command (nothing partial was kept; an extraction "
+        "resumes from its finished shards)"
+    )
+
+
+def test_runs_of_different_max_seq_length_are_scored_with_a_warning(tmp_path, capsys):
+    from gradproj.cli import score_main
+    from tests.test_influence import synthetic_run
+
+    train = synthetic_run(tmp_path / "train", list(torch.randn(4, 3, 8)), max_seq_length=64)
+    test = synthetic_run(tmp_path / "test", list(torch.randn(2, 3, 8)), max_seq_length=128)
+    assert score_main(["--train", str(train), "--test", str(test), "--output",
+                       str(tmp_path / "s")]) == 0  # fmt: skip
+    assert (
+        "warning: the train run was extracted with max_seq_length 64 and the test run with 128: "
+        "examples longer than 64 tokens were cut at different lengths; extract both with one "
+        "--max_seq_length to compare like with like"
+    ) in capsys.readouterr().err

@@ -280,7 +280,7 @@ def test_bad_inputs_are_refused_with_their_reason(tmp_path, capsys):
     cases = {
         "not a gradient run": tmp_path / "plain",
         "1 missing (3_6.safetensors)": missing,
-        "1 corrupt (0_3.safetensors)": corrupt,
+        "1 corrupt (0_3.safetensors: its checksum differs": corrupt,
         "holds no gradients": empty,
     }
     for needle, path in cases.items():

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
 from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
-from gradproj.analysis.scores import align_to
+from gradproj.analysis.scores import align_to, check_provenance
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
 from gradproj.errors import UserError
@@ -91,7 +91,11 @@ class Comparison:
 
 def load_inputs(config: CompareConfig) -> tuple[ScoreDir, list[ScoreDir]]:
     reference = load_score_dir(config.reference)
-    candidates = [align_to(reference, load_score_dir(path)) for path in config.candidates]
+    candidates = []
+    for path in config.candidates:
+        candidate = load_score_dir(path)
+        check_provenance(reference, candidate)
+        candidates.append(align_to(reference, candidate))
     return reference, sorted(candidates, key=lambda c: (c.projection_type, c.dim or 0))
 
 

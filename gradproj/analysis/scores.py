@@ -5,6 +5,30 @@ import numpy as np
 from gradproj.errors import UserError
 from gradproj.scoredir import ScoreDir
 
+# What reference and candidates must share, per run, as summary.json records it: the same
+# examples of the same model. The projection (and so the run's kind) differs by design.
+PROVENANCE = (
+    "model", "checkpoint", "checkpoint_nr", "target", "dataset", "split", "mode",
+    "max_seq_length", "n_examples", "examples_sha256",
+)  # fmt: skip
+
+
+def check_provenance(reference: ScoreDir, candidate: ScoreDir) -> None:
+    """Refuse a candidate scored from other runs than the reference's (other data, model,
+    checkpoint or examples), naming each difference; ids alone can coincide. A field that
+    either summary lacks (written before it was recorded) is not compared."""
+    differences = []
+    for role in ("train_manifest", "test_manifest"):
+        ref, cand = reference.summary.get(role) or {}, candidate.summary.get(role) or {}
+        for key in PROVENANCE:
+            if key in ref and key in cand and ref[key] != cand[key]:
+                differences.append(f"{role.split('_')[0]} {key} ({ref[key]!r} vs {cand[key]!r})")
+    if differences:
+        raise UserError(
+            f"{candidate.path} was scored from other runs than the reference {reference.path}: "
+            f"{'; '.join(differences)}; compare scorings of the same train and test examples"
+        )
+
 
 def align_to(reference: ScoreDir, candidate: ScoreDir) -> ScoreDir:
     """The candidate's scores reordered to the reference's train and test id order.

@@ -4,6 +4,7 @@ study's layout `<variant>/<model>/<dataset>/<split>/<checkpoint>`."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from gradproj import models, store
@@ -55,11 +56,21 @@ def run_dirs(cfg: ExtractConfig) -> dict[tuple[str, OutputSpec], Path]:
 
 
 def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
-    """A rerun into a run directory must agree on the options that decide its bytes."""
-    for (target, _), path in dirs.items():
-        if not (path / store.MANIFEST).is_file():
+    """A rerun into a run directory must agree on the options that decide its bytes: those its
+    manifest records or, with the manifest lost or unreadable, those its shards record (the
+    manifest is then rebuilt from the shards, and this says so)."""
+    for (target, spec), path in dirs.items():
+        problem = store.manifest_problem(path)
+        if problem is None:
+            previous = store.Run(path).manifest.get("identity", {})
+        elif store.shard_files(path):
+            previous = shards_identity(path, cfg.identity(target) | {"output": spec.name})
+            print(
+                f"note: {path} {problem}; it is rebuilt from the metadata of its shards",
+                file=sys.stderr,
+            )
+        else:
             continue
-        previous = store.Run(path).manifest.get("identity", {})
         diff = [k for k, v in cfg.identity(target).items() if previous.get(k) != v]
         if diff:
             raise UserError(
@@ -68,25 +79,30 @@ def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
             )
 
 
-def is_complete(path: Path, n_rows: int) -> bool:
-    """Whether a run directory already holds every shard of `n_rows` rows, as its manifest says."""
-    if not (path / store.MANIFEST).is_file():
+def shards_identity(path: Path, identity: dict) -> dict:
+    """The identity the shards of a run without a readable manifest record: `identity` when
+    they agree with it, else that of the first one that does not."""
+    expected = store.identity_sha256(identity)
+    for shard in store.shard_files(path):
+        try:
+            run = store.read_shard_metadata(shard).get("run") or {}
+        except Exception:
+            continue  # damaged: recomputed
+        if run.get("identity_sha256", expected) != expected:
+            return run.get("identity", {})
+    return identity
+
+
+def is_complete(path: Path, rows: list[tuple[int, str]]) -> bool:
+    """Whether a run directory is complete (`store.VerifyReport.ok`) and holds `rows`, the
+    (index, id) of every chosen dataset row."""
+    if store.manifest_problem(path) is not None:
         return False
     run = store.Run(path)
-    listed = {s["file"] for s in run.manifest.get("shards", [])}
+    held = [(e["index"], e["id"]) for e in run.manifest["examples"] + run.manifest["skipped"]]
+    mean = run.manifest.get("mode") == "store_mean"  # one example stands for all the rows
     return (
-        run.manifest.get("complete") is True
-        and run.manifest.get("n_examples") == n_rows
-        and listed == set(run.expected_shards())
+        run.manifest.get("n_examples") == len(rows)
+        and (mean or sorted(held) == rows)
         and run.verify().ok
     )
-
-
-def shard_is_valid(run_dir: Path, start: int, end: int, recorded: dict[str, str]) -> bool:
-    """A shard counts as done when its file matches its recorded (or its own) checksum."""
-    path = run_dir / store.shard_name(start, end)
-    if not path.is_file():
-        return False
-    if path.name in recorded:
-        return store.file_sha256(path) == recorded[path.name]
-    return store.check_shard(path) is not None

@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from gradproj import __version__, data, models, store
-from gradproj.errors import UserError
+from gradproj.errors import UserError, check_unique_ids
 from gradproj.extract.config import SAVE_DTYPES, ExtractConfig
-from gradproj.extract.layout import check_existing, is_complete, run_dirs, shard_is_valid
+from gradproj.extract.layout import check_existing, is_complete, run_dirs
 from gradproj.extract.slurm import Preemption, Stopped, array_share, task_range
 from gradproj.targets import Target, TargetOptions, make_target, run_batch
 
@@ -35,7 +35,10 @@ def run_extraction(cfg: ExtractConfig) -> int:
     if cfg.limit is not None:
         rows = rows.select(range(min(cfg.limit, len(rows))))
     start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
-    if all(is_complete(d, len(rows)) for d in dirs.values()):  # may be read-only: write nothing
+    ids = data.example_ids(rows, first_row)
+    check_unique_ids(ids, f"{cfg.dataset} {cfg.dataset_split}", first_row)
+    chosen = [(first_row + i, example) for i, example in enumerate(ids)]
+    if all(is_complete(d, chosen) for d in dirs.values()):  # may be read-only: write nothing
         print(f"complete already, nothing to do: {', '.join(map(str, dirs.values()))}")
         return 0
     check_rows(cfg, rows, first_row)
@@ -63,7 +66,7 @@ def run_extraction(cfg: ExtractConfig) -> int:
         name: make_target(name, model, specs, options) for name, specs in cfg.outputs.items()
     }
     header = run_header(cfg, checkpoint, model, len(rows))
-    extractor = Extractor(cfg, rows, first_row, tokenizer, model, targets, dirs, header)
+    extractor = Extractor(cfg, rows, first_row, ids, tokenizer, model, targets, dirs, header)
     if cfg.mode == "store_mean":
         return extractor.run_mean()
     return extractor.run(start, end)
@@ -120,9 +123,10 @@ def versions() -> dict:
 class Extractor:
     """Runs the batches of one task range, shard by shard, for every target at once."""
 
-    def __init__(self, cfg, rows, first_row, tokenizer, model, targets, dirs, header):
+    def __init__(self, cfg, rows, first_row, ids, tokenizer, model, targets, dirs, header):
         self.cfg, self.rows, self.tokenizer, self.model = cfg, rows, tokenizer, model
         self.first_row = first_row  # split row of rows[0]: examples are named by split rows
+        self.ids = ids  # each row's example id
         self.targets: dict[str, Target] = targets
         self.dirs = dirs
         self.header = header
@@ -132,8 +136,33 @@ class Extractor:
         self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
 
     def header_for(self, target: str, spec) -> dict:
-        common = {"target": target, "identity": self.cfg.identity(target)}
+        identity = self.cfg.identity(target)
+        common = {
+            "target": target,
+            "identity": identity,
+            "identity_sha256": store.identity_sha256(identity | {"output": spec.name}),
+        }
         return self.header | common | self.targets[target].header(spec)
+
+    def shard_run(self, target: str, spec) -> dict:
+        """What each shard records of its run: the header without what varies by process."""
+        header = self.header_for(target, spec)
+        described = {k: v for k, v in header.items() if k not in store.PROCESS_FIELDS}
+        return described | {"n_examples": len(self.rows)}
+
+    def shard_problems(self, start: int, end: int, recorded: dict) -> dict:
+        """{run directory: why its shard start..end must be computed}, empty when every one is
+        accepted; `recorded`: each directory's manifest checksums (None: check the contents)."""
+        rows = [(self.first_row + i, self.ids[i]) for i in range(start, end)]
+        problems = {}
+        for (name, spec), path in self.dirs.items():
+            shard = path / store.shard_name(start, end)
+            checksum = None if recorded is None else recorded[path].get(shard.name)
+            identity = self.header_for(name, spec)["identity_sha256"]
+            problem = store.shard_problem(shard, identity, checksum, rows)
+            if problem is not None:
+                problems[shard] = problem
+        return problems
 
     def tokenize(self, start: int, end: int) -> tuple[list[data.Example], list[dict]]:
         """Rows start..end-1 of the chosen rows as examples; those without a label are skipped."""
@@ -190,7 +219,14 @@ class Extractor:
         ranges = store.shard_ranges(start, end, self.cfg.gradients_per_file)
         # Each manifest is read once here, not once per shard: it lists every example.
         recorded = {d: store.recorded_checksums(d) for d in self.dirs.values()}
-        todo = [r for r in ranges if not all(shard_is_valid(d, *r, recorded[d]) for d in recorded)]
+        todo = []
+        for s, e in ranges:
+            problems = self.shard_problems(s, e, recorded)
+            for shard, problem in problems.items():
+                if problem != "missing":
+                    print(f"recomputing {shard}: {problem}", file=sys.stderr)
+            if problems:
+                todo.append((s, e))
         progress = tqdm(total=sum(e - s for s, e in todo), unit="ex", desc="gradients")
         logger = WandbLogger.maybe(self.cfg)
         try:
@@ -233,7 +269,7 @@ class Extractor:
         with store.claim_shard(dirs, start, end, wait) as claimed:
             if not claimed:
                 return False
-            if all(shard_is_valid(d, start, end, {}) for d in dirs):
+            if not self.shard_problems(start, end, None):  # another process wrote it meanwhile
                 progress.update(end - start)
             else:
                 self.write_shard(start, end, progress)
@@ -251,7 +287,9 @@ class Extractor:
                 tensors = store.shard_tensors(
                     vectors[spec], index, self.dtype(spec), target.width(spec)
                 )
-                entry = store.write_shard(self.dirs[name, spec], start, end, tensors, record)
+                entry = store.write_shard(
+                    self.dirs[name, spec], start, end, tensors, record, self.shard_run(name, spec)
+                )
                 fresh[name, spec] = {entry["file"]: entry}
         self.merge_all(fresh)
         self.stats["shards_written"] += 1
@@ -324,7 +362,9 @@ class Extractor:
             for spec in target.specs:
                 tensors = store.mean_tensors(vectors[spec], self.dtype(spec))
                 mean_record.examples[0]["grad_norm"] = store.stored_norm(tensors)
-                entry = store.write_shard(self.dirs[name, spec], 0, n, tensors, mean_record)
+                entry = store.write_shard(
+                    self.dirs[name, spec], 0, n, tensors, mean_record, self.shard_run(name, spec)
+                )
                 fresh[name, spec] = {entry["file"]: entry}
         self.merge_all(fresh)
         self.print_summary(began, 0, n, 0)

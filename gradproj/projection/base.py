@@ -89,8 +89,8 @@ class Projection:
         if output_gb > self.memory_gb / 2:
             raise UserError(
                 f"projecting {len(flats)} examples to {self.dims[-1]} dims needs "
-                f"{output_gb:.2f} GiB for the output alone: raise --proj_memory_gb above "
-                f"{2 * output_gb:.2f}"
+                f"{output_gb:.3g} GiB for the output alone: raise --proj_memory_gb above "
+                f"{2 * output_gb:.3g}"
             )
         return flats
 
