@@ -41,6 +41,7 @@ RETRAIN_FORMAT = "gradproj-retrain/1"
 PARTS_SUFFIX = ".parts"
 SETTINGS_FILE = "settings.json"
 BASE_PART = "base.safetensors"
+PREFIX_PART = "prefix_states.safetensors"
 CAUSAL_PARADIGMS = ("sft", "pre")
 EVAL_BATCH = 8  # test examples per evaluation batch; the losses do not depend on it otherwise
 
@@ -61,9 +62,9 @@ class RetrainConfig:
     n_subsets: int = 32
     fraction: float = 0.5
     seed: int = 0
-    train_layers: int = 4
+    train_layers: int = 2
     epochs: int = 1
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     batch_size: int = 8
     threads: int = 2
@@ -210,6 +211,21 @@ def cache_prefix_states(model, examples: list[data.Example], first: int) -> list
     return states
 
 
+def cached_prefix_states(model, train, test, first: int, parts: Path):
+    """`cache_prefix_states` of the train and test examples, kept in the parts directory so
+    that a resumed run does not recompute them."""
+    path = parts / PREFIX_PART
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            return [[f.get_tensor(f"{side}/{i}") for i in range(len(examples))]
+                    for side, examples in (("train", train), ("test", test))]  # fmt: skip
+    states = [cache_prefix_states(model, examples, first) for examples in (train, test)]
+    tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states, strict=True)
+               for i, state in enumerate(group)}  # fmt: skip
+    store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT})
+    return states
+
+
 def keep_trained_layers(model, first: int) -> list[torch.nn.Parameter]:
     """Leave only layers `first`.. in the model (their input comes from the cache) and make
     their parameters, and only theirs, trainable."""
@@ -342,31 +358,10 @@ def retrain(cfg: RetrainConfig) -> Path:
     description = training_description(cfg, n_layers)
     print(f"retrain: {description}", file=sys.stderr)
 
-    first = n_layers - cfg.train_layers
-    began = time.time()
-    train_states = cache_prefix_states(model, train, first)
-    test_states = cache_prefix_states(model, test, first)
-    params = keep_trained_layers(model, first)
-    initial = {k: v.clone() for k, v in model.base_model.layers.state_dict().items()}
-    if not (parts / BASE_PART).is_file():
-        base = evaluate(model, test_states, test)
-        store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
-    print(f"frozen prefix cached in {time.time() - began:.1f} s", file=sys.stderr)
-
     todo = [s for s in range(cfg.n_subsets) if not (parts / part_name(s)).is_file()]
-    progress = tqdm(total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset")
-    for s in todo:
-        t0 = time.time()
-        mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
-        model.base_model.layers.load_state_dict(initial)
-        train_subset(model, params, train_states, train, order, cfg)
-        losses = evaluate(model, test_states, test)
-        tensors = {"mask": torch.from_numpy(mask), "losses": losses}
-        store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
-        progress.update(1)
-        progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
-    progress.close()
-
+    began = time.time()
+    if todo or not (parts / BASE_PART).is_file():
+        run_subsets(cfg, model, train, test, parts, todo)
     info = {
         "format": RETRAIN_FORMAT,
         "train_ids": [ex.id for ex in train],
@@ -387,6 +382,33 @@ def retrain(cfg: RetrainConfig) -> Path:
         file=sys.stderr,
     )
     return cfg.output
+
+
+def run_subsets(cfg: RetrainConfig, model, train, test, parts: Path, todo: list[int]) -> None:
+    """The base losses (unless written) and every subset in `todo`, each written as it ends."""
+    first = len(decoder_layers(model)) - cfg.train_layers
+    began = time.time()
+    train_states, test_states = cached_prefix_states(model, train, test, first, parts)
+    params = keep_trained_layers(model, first)
+    initial = {k: v.clone() for k, v in model.base_model.layers.state_dict().items()}
+    if not (parts / BASE_PART).is_file():
+        base = evaluate(model, test_states, test)
+        store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
+    print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
+    progress = tqdm(
+        total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
+    )
+    for s in todo:
+        t0 = time.time()
+        mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
+        model.base_model.layers.load_state_dict(initial)
+        train_subset(model, params, train_states, train, order, cfg)
+        losses = evaluate(model, test_states, test)
+        tensors = {"mask": torch.from_numpy(mask), "losses": losses}
+        store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
+        progress.update(1)
+        progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
+    progress.close()
 
 
 def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
