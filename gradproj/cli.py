@@ -183,6 +183,11 @@ COMPARE_OPTIONS = {
         "hidden), over the same examples; implies --retrieval",
     ),
     "source_field": dict(help="test set column naming each test example's source train id"),
+    "lds": dict(
+        metavar="FILE",
+        help="ground truth of gradproj retrain: adds lds.csv, the linear datamodeling score of "
+        "every score directory given (with --retrieval_methods), BM25 and a random ranking",
+    ),
 }
 
 RETRAIN_DOC = """\

@@ -373,6 +373,7 @@ def retrain(cfg: RetrainConfig) -> Path:
         "trained": description,
         "subset_seeds": [[cfg.seed, s] for s in range(cfg.n_subsets)],
         "settings": settings,
+        "threads": cfg.threads,  # fp32 sums may round differently with another thread count
         "versions": versions(),
     }
     assemble(parts, cfg.output, cfg.n_subsets, info)

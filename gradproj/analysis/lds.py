@@ -90,7 +90,8 @@ def lds_table(
     seed: int = 0,
     rows: tuple[dict, dict] | None = None,
 ) -> pd.DataFrame:
-    """lds.csv: one row per score directory and function, then BM25 and random.
+    """lds.csv: one row per score directory and function, then BM25 and random; besides the
+    LDS columns, `target` and `dim` (a projected vector's length, empty when not projected).
 
     `rows` = (train rows, test rows) by id for BM25; default: the datasets named in the first
     directory's run manifests."""
@@ -104,16 +105,31 @@ def lds_table(
             table.append(
                 {"method": method_label(score_dir), "function": function}
                 | lds_statistics(values, n_bootstrap, seed)
-                | {"dim": score_dir.dim, "projection_type": score_dir.projection_type}
+                | {"target": target_of(score_dir), "dim": total_dim(score_dir)}
             )
     for name, scores in baseline_scores(truth, score_dirs[0], seed, rows).items():
         values = per_test_lds(truth.masks, truth.losses, scores)
         table.append(
             {"method": name, "function": name}
             | lds_statistics(values, n_bootstrap, seed)
-            | {"dim": None, "projection_type": name}
+            | {"target": name, "dim": None}
         )
     return pd.DataFrame(table)
+
+
+def target_of(score_dir: ScoreDir) -> str:
+    if score_dir.manifest.get("kind") == "hidden":
+        return "hidden"
+    return score_dir.manifest.get("target") or "embeddings"
+
+
+def total_dim(score_dir: ScoreDir) -> int | None:
+    """The length of one projected vector (all layers of a per-layer projection); None when
+    not projected."""
+    projection = score_dir.projection
+    if not projection:
+        return None
+    return int(projection.get("total_dim") or projection["dim"])
 
 
 def baseline_scores(
