@@ -191,7 +191,7 @@ COMPARE_OPTIONS = {
 }
 
 RETRAIN_DOC = """\
-The counterfactual ground truth of influence (docs/retrain.md): fine-tune the model on random
+The counterfactual ground truth of influence (docs/lds.md): fine-tune the model on random
 subsets of the train examples and record every test example's loss after each. `gradproj
 compare --lds FILE` scores each ranking by it (the linear datamodeling score, LDS).
 

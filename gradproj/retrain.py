@@ -1,4 +1,4 @@
-"""`gradproj retrain`: the counterfactual ground truth of influence (docs/retrain.md).
+"""`gradproj retrain`: the counterfactual ground truth of influence (docs/lds.md).
 
 Fine-tune a model on M random subsets of the train examples and record every test example's
 mean loss after each, with the base model's losses. `gradproj.analysis.lds` correlates these
@@ -133,7 +133,10 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
         raise UserError(f"{what}: its format is {found!r}, this gradproj reads {RETRAIN_FORMAT}")
     try:
         masks, losses, base = tensors["masks"], tensors["losses"], tensors["base_losses"]
-        train_ids, test_ids = [str(x) for x in info["train_ids"]], [str(x) for x in info["test_ids"]]
+        train_ids, test_ids = (
+            [str(x) for x in info["train_ids"]],
+            [str(x) for x in info["test_ids"]],
+        )
     except KeyError as err:
         raise UserError(f"{what}: it lacks {err.args[0]!r}") from None
     shapes_agree = (
@@ -247,7 +250,9 @@ def batch_losses(model, states: list[torch.Tensor], batch: list[data.Example]) -
     targets = labels[:, 1:]  # position t predicts token t+1
     chosen = targets != data.IGNORE
     logits = model.get_output_embeddings()(last.last_hidden_state[:, :-1][chosen])
-    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[chosen], reduction="none")
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float(), targets[chosen], reduction="none"
+    )
     rows = chosen.nonzero()[:, 0]
     sums = torch.zeros(len(batch), dtype=token_loss.dtype).index_add(0, rows, token_loss)
     return sums / chosen.sum(dim=1).clamp(min=1)
@@ -258,7 +263,9 @@ def evaluate(model, states: list[torch.Tensor], examples: list[data.Example]) ->
     out = []
     with torch.no_grad():
         for i in range(0, len(examples), EVAL_BATCH):
-            out.append(batch_losses(model, states[i : i + EVAL_BATCH], examples[i : i + EVAL_BATCH]))
+            out.append(
+                batch_losses(model, states[i : i + EVAL_BATCH], examples[i : i + EVAL_BATCH])
+            )
     return torch.cat(out).float()
 
 
@@ -312,7 +319,9 @@ def start_parts(parts: Path, settings: dict) -> None:
     if recorded.is_file():
         before = json.loads(recorded.read_text())
         if before != settings:
-            differ = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+            differ = sorted(
+                k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
+            )
             raise UserError(
                 f"{parts} holds the parts of a run with other settings (differing in "
                 f"{', '.join(differ)}); remove it, or choose another --output"
@@ -429,4 +438,8 @@ def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
 def versions() -> dict:
     import transformers
 
-    return {"gradproj": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "gradproj": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

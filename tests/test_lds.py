@@ -10,8 +10,11 @@ from gradproj.analysis.lds import aligned_scores, lds_statistics, per_test_lds
 from gradproj.cli import compare_main, main
 from gradproj.retrain import GroundTruth, load_ground_truth
 from gradproj.scoredir import ScoreDir
+from tests import test_retrieval
 from tests.conftest import user_error_line, write_jsonl
-from tests.test_retrieval import compare, tiny_study, toy_rows  # noqa: F401 (a fixture)
+from tests.test_retrieval import compare, toy_rows
+
+tiny_study = test_retrieval.tiny_study  # the fixture: gradients and scores of a tiny study
 
 
 def planted(rng, n_subsets=40, n_train=30, n_test=12, noise=1.0):
@@ -42,7 +45,9 @@ def test_planted_scores_give_lds_near_one_and_random_scores_near_zero():
     rng = np.random.default_rng(1)
     masks, losses, effects = planted(rng, n_subsets=200, n_test=40, noise=0.0)
     assert lds_statistics(per_test_lds(masks, losses, effects))["lds"] == pytest.approx(1.0)
-    noisy = lds_statistics(per_test_lds(masks, losses + 0.5 * rng.normal(size=losses.shape), effects))
+    noisy = lds_statistics(
+        per_test_lds(masks, losses + 0.5 * rng.normal(size=losses.shape), effects)
+    )
     assert noisy["lds"] > 0.9
     random = lds_statistics(per_test_lds(masks, losses, rng.normal(size=effects.shape)))
     assert abs(random["lds"]) < 0.05

@@ -118,7 +118,8 @@ def test_parts_of_other_settings_and_bad_options_are_refused(
     assert "other settings (differing in lr, train_layers)" in line
     for bad, words in ((["--fraction", "1"], "--fraction"), (["--n_subsets", "1"], "--n_subsets"),
                        (["--train_layers", "3"], "the model has 2 layers")):  # fmt: skip
-        line = user_error_line(main, [*argv[:-2], *bad, "--output", str(tmp_path / "x.safetensors")], capsys)
+        other = str(tmp_path / "x.safetensors")
+        line = user_error_line(main, [*argv[:-2], *bad, "--output", other], capsys)
         assert words in line
     line = user_error_line(main, [*argv[:-4], "--output", str(tmp_path / "x.json")], capsys)
     assert ".safetensors" in line
@@ -129,7 +130,9 @@ def test_one_subset_of_the_shipped_ground_truth_is_recomputed():
     """Subset 0 of examples/ground_truth.safetensors, recomputed on the bundled model from its
     recorded settings: the frozen prefix only for that subset's members and the test set."""
     truth = load_ground_truth(SHIPPED)
-    cfg = RetrainConfig(**truth.info["settings"] | {"output": SHIPPED.with_name("unused.safetensors")})
+    cfg = RetrainConfig(
+        **truth.info["settings"] | {"output": SHIPPED.with_name("unused.safetensors")}
+    )
     torch.set_num_threads(truth.info["threads"])
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
     tokenizer = models.load_tokenizer(checkpoint)

@@ -391,7 +391,9 @@ def compare_projections(config: CompareConfig) -> Comparison:
             retrieval = step("source retrieval", source_retrieval, reference, candidates, config)
         lds = None
         if config.lds is not None:
-            lds = step("linear datamodeling score", linear_datamodeling, reference, candidates, config)
+            lds = step(
+                "linear datamodeling score", linear_datamodeling, reference, candidates, config
+            )
         if reference.manifest.get("kind") != "full":
             notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
         metrics = step("agreement metrics", compute_metrics, reference, candidates, config.top_ks)

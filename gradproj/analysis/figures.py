@@ -255,8 +255,10 @@ def lds_figure(table: pd.DataFrame, path: Path) -> Path:
         line_err = np.vstack(
             [projected.lds - projected.lds_ci_low, projected.lds_ci_high - projected.lds]
         )
-        right.errorbar(projected.dim, projected.lds, yerr=np.clip(line_err, 0, None),
-                       marker=marker, capsize=3, color=color, label=f"{target} {function}")  # fmt: skip
+        right.errorbar(
+            projected.dim, projected.lds, yerr=np.clip(line_err, 0, None), marker=marker,
+            capsize=3, color=color, label=f"{target} {function}",
+        )  # fmt: skip
         for full in group[group.dim.isna()].lds:
             right.axhline(full, color=color, ls="--", lw=1, label=f"{target} {function}, full")
     right.set_xscale("log")
