@@ -86,7 +86,7 @@ def tiny_truth(tiny_llama, tiny_study):
     argv = ["retrain", "--model", str(tiny_llama), "--train_dataset", str(train),
             "--test_dataset", str(test), "--test_split", "test", "--output", str(out),
             "--max_seq_length", "40", "--n_subsets", "6", "--train_layers", "1",
-            "--lr", "1e-2"]  # fmt: skip
+            "--lr", "1e-2", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     return out
 

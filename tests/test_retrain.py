@@ -28,7 +28,8 @@ def toy_data(tmp_path_factory):
 def config(tiny_llama, toy_data, output, **changes) -> RetrainConfig:
     train, test = toy_data
     options = dict(model=str(tiny_llama), train_dataset=str(train), test_dataset=str(test),
-                   output=output, n_subsets=4, train_layers=1, lr=1e-2, batch_size=3)  # fmt: skip
+                   output=output, n_subsets=4, train_layers=1, lr=1e-2, batch_size=3,
+                   threads=1)  # fmt: skip
     return RetrainConfig(**options | changes)
 
 
@@ -115,7 +116,7 @@ def test_parts_of_other_settings_and_bad_options_are_refused(
     argv = ["retrain", "--model", str(tiny_llama), "--train_dataset", str(train),
             "--test_dataset", str(test), "--output", str(out), "--train_layers", "1"]  # fmt: skip
     line = user_error_line(main, argv, capsys)
-    assert "other settings (differing in lr, train_layers)" in line
+    assert "other settings (differing in batch_size, lr)" in line
     for bad, words in ((["--fraction", "1"], "--fraction"), (["--n_subsets", "1"], "--n_subsets"),
                        (["--train_layers", "3"], "the model has 2 layers")):  # fmt: skip
         other = str(tmp_path / "x.safetensors")

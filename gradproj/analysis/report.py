@@ -128,16 +128,20 @@ LDS_NOTE = (
 
 
 def lds_section(table: pd.DataFrame, paths: list[Path]) -> list[str]:
+    return [
+        "\n## Which ranking is influence: linear datamodeling score\n",
+        LDS_NOTE,
+        markdown_table(lds_cells(table)),
+        *figure_links(paths, "lds"),
+    ]
+
+
+def lds_cells(table: pd.DataFrame) -> pd.DataFrame:
     cells = table[["method", "function", "n_test"]].copy()
     cells["lds"] = [
         f"{r.lds:.3f} [{r.lds_ci_low:.3f}, {r.lds_ci_high:.3f}]" for r in table.itertuples()
     ]
-    return [
-        "\n## Which ranking is influence: linear datamodeling score\n",
-        LDS_NOTE,
-        markdown_table(cells),
-        *figure_links(paths, "lds"),
-    ]
+    return cells
 
 
 RETRIEVAL_NOTE = (
