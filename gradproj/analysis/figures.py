@@ -232,7 +232,7 @@ def _save(fig, path: Path) -> Path:
 
 def lds_figure(table: pd.DataFrame, path: Path) -> Path:
     """Left: LDS per method and function with 95% CIs. Right: LDS against the projection dim,
-    one line per gradient target and function; a target's unprojected LDS as a dashed line."""
+    one line per target, projection type and function; an unprojected LDS as a dashed line."""
     labels = [f"{r.method} ({r.function})" if r.function != r.method else r.method
               for r in table.itertuples()]  # fmt: skip
     y = np.arange(len(table))[::-1]
@@ -247,20 +247,18 @@ def lds_figure(table: pd.DataFrame, path: Path) -> Path:
     left.set_yticks(y, labels, fontsize="small")
     left.set_xlabel("LDS (mean over test examples, 95% CI)")
     left.grid(axis="x", alpha=0.3)
-    for i, ((target, function), group) in enumerate(table.groupby(["target", "function"])):
-        projected = group[group.dim.notna()].sort_values("dim")
-        if projected.empty:
-            continue
-        color, marker = f"C{i}", "o" if function == "cosine" else "s"
-        line_err = np.vstack(
-            [projected.lds - projected.lds_ci_low, projected.lds_ci_high - projected.lds]
-        )
-        right.errorbar(
-            projected.dim, projected.lds, yerr=np.clip(line_err, 0, None), marker=marker,
-            capsize=3, color=color, label=f"{target} {function}",
-        )  # fmt: skip
+    gradients = table[table.projection.notna() & (table.target != "hidden")]
+    for i, ((target, function), group) in enumerate(gradients.groupby(["target", "function"])):
+        color = f"C{i}"
+        for kind, line in group[group.dim.notna()].groupby("projection"):
+            line = line.sort_values("dim")
+            line_err = np.vstack([line.lds - line.lds_ci_low, line.lds_ci_high - line.lds])
+            right.errorbar(
+                line.dim, line.lds, yerr=np.clip(line_err, 0, None), capsize=3, color=color,
+                marker="o" if function == "cosine" else "s", label=f"{target} {kind} {function}",
+            )  # fmt: skip
         for full in group[group.dim.isna()].lds:
-            right.axhline(full, color=color, ls="--", lw=1, label=f"{target} {function}, full")
+            right.axhline(full, color=color, ls="--", lw=1, label=f"{target} full {function}")
     right.set_xscale("log")
     right.set_xlabel("projected dim (all layers)")
     right.set_ylabel("LDS")

@@ -91,7 +91,8 @@ def lds_table(
     rows: tuple[dict, dict] | None = None,
 ) -> pd.DataFrame:
     """lds.csv: one row per score directory and function, then BM25 and random; besides the
-    LDS columns, `target` and `dim` (a projected vector's length, empty when not projected).
+    LDS columns, `target`, `projection` (type, or full) and `dim` (a projected vector's length,
+    empty when not projected).
 
     `rows` = (train rows, test rows) by id for BM25; default: the datasets named in the first
     directory's run manifests."""
@@ -105,14 +106,15 @@ def lds_table(
             table.append(
                 {"method": method_label(score_dir), "function": function}
                 | lds_statistics(values, n_bootstrap, seed)
-                | {"target": target_of(score_dir), "dim": total_dim(score_dir)}
+                | {"target": target_of(score_dir), "projection": score_dir.projection_type}
+                | {"dim": total_dim(score_dir)}
             )
     for name, scores in baseline_scores(truth, score_dirs[0], seed, rows).items():
         values = per_test_lds(truth.masks, truth.losses, scores)
         table.append(
             {"method": name, "function": name}
             | lds_statistics(values, n_bootstrap, seed)
-            | {"target": name, "dim": None}
+            | {"target": name, "projection": None, "dim": None}
         )
     return pd.DataFrame(table)
 
