@@ -395,7 +395,9 @@ def retrain(cfg: RetrainConfig) -> Path:
 
 
 def run_subsets(cfg: RetrainConfig, model, train, test, parts: Path, todo: list[int]) -> None:
-    """The base losses (unless written) and every subset in `todo`, each written as it ends."""
+    """The base losses (unless written) and every subset in `todo`, each written as it ends.
+    Several processes may share one parts directory (e.g. one taking `todo` in reverse): a
+    subset found written is skipped, and one computed twice is written twice, the same bytes."""
     first = len(decoder_layers(model)) - cfg.train_layers
     began = time.time()
     train_states, test_states = cached_prefix_states(model, train, test, first, parts)
@@ -409,6 +411,9 @@ def run_subsets(cfg: RetrainConfig, model, train, test, parts: Path, todo: list[
         total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
     )
     for s in todo:
+        if (parts / part_name(s)).is_file():  # written meanwhile by another process
+            progress.update(1)
+            continue
         t0 = time.time()
         mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
         model.base_model.layers.load_state_dict(initial)
