@@ -248,17 +248,21 @@ def lds_figure(table: pd.DataFrame, path: Path) -> Path:
     left.set_xlabel("LDS (mean over test examples, 95% CI)")
     left.grid(axis="x", alpha=0.3)
     gradients = table[table.projection.notna() & (table.target != "hidden")]
-    for i, ((target, function), group) in enumerate(gradients.groupby(["target", "function"])):
-        color = f"C{i}"
+    targets = sorted(set(gradients.target))
+    for (target, function), group in gradients.groupby(["target", "function"]):
+        color = f"C{targets.index(target) + 3}"  # C0-C2 mark functions on the left
+        style = "-" if function == "cosine" else ":"
         for kind, line in group[group.dim.notna()].groupby("projection"):
             line = line.sort_values("dim")
             line_err = np.vstack([line.lds - line.lds_ci_low, line.lds_ci_high - line.lds])
             right.errorbar(
                 line.dim, line.lds, yerr=np.clip(line_err, 0, None), capsize=3, color=color,
-                marker="o" if function == "cosine" else "s", label=f"{target} {kind} {function}",
+                ls=style, marker="o" if function == "cosine" else "s",
+                label=f"{target} {kind} {function}",
             )  # fmt: skip
         for full in group[group.dim.isna()].lds:
-            right.axhline(full, color=color, ls="--", lw=1, label=f"{target} full {function}")
+            right.axhline(full, color=color, ls="--" if function == "cosine" else "-.", lw=1,
+                          label=f"{target} full {function}")  # fmt: skip
     right.set_xscale("log")
     right.set_xlabel("projected dim (all layers)")
     right.set_ylabel("LDS")
