@@ -179,8 +179,8 @@ COMPARE_OPTIONS = {
     "retrieval_methods": dict(
         nargs="+",
         metavar="DIR",
-        help="more score directories for the retrieval table only (other targets: params, "
-        "hidden), over the same examples; implies --retrieval",
+        help="more score directories for the retrieval (and --lds) table only (other targets: "
+        "params, hidden), over the same examples; implies --retrieval",
     ),
     "source_field": dict(help="test set column naming each test example's source train id"),
     "lds": dict(

@@ -122,8 +122,7 @@ LDS_NOTE = (
     "correlation across subsets between the summed scores of a subset's train examples and "
     "minus the test example's loss after training on it; the mean over test examples with a "
     "95% bootstrap CI over test examples. 1: the scores predict which subsets help each test "
-    "example; 0: they do not. `dim`: the length of a projected vector. Methods and limits: "
-    "docs/lds.md of gradproj.\n"
+    "example; 0: they do not. Methods and limits: docs/lds.md of gradproj.\n"
 )
 
 
