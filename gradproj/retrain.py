@@ -236,7 +236,7 @@ def keep_trained_layers(model, first: int) -> list[torch.nn.Parameter]:
     base.layers = torch.nn.ModuleList(list(base.layers)[first:])
     model.requires_grad_(False)
     base.layers.requires_grad_(True)
-    return [p for p in base.layers.parameters()]
+    return list(base.layers.parameters())
 
 
 def batch_losses(model, states: list[torch.Tensor], batch: list[data.Example]) -> torch.Tensor:
