@@ -193,10 +193,47 @@ COMPARE_OPTIONS = {
     "retrieval_methods": dict(
         nargs="+",
         metavar="DIR",
-        help="more score directories for the retrieval table only (other targets: params, "
-        "hidden), over the same examples; implies --retrieval",
+        help="more score directories for the retrieval (and --lds) table only (other targets: "
+        "params, hidden), over the same examples; implies --retrieval",
     ),
     "source_field": dict(help="test set column naming each test example's source train id"),
+    "lds": dict(
+        metavar="FILE",
+        help="ground truth of gradproj retrain: adds lds.csv, the linear datamodeling score of "
+        "every score directory given (with --retrieval_methods), BM25 and a random ranking",
+    ),
+}
+
+RETRAIN_DOC = """\
+The counterfactual ground truth of influence (docs/lds.md): fine-tune the model on random
+subsets of the train examples and record every test example's loss after each. `gradproj
+compare --lds FILE` scores each ranking by it (the linear datamodeling score, LDS).
+
+Example (the shipped examples/ground_truth.safetensors):
+    gradproj retrain --model bundled:smollm2-135m-instruct \\
+        --train_dataset examples/data/train.jsonl --test_dataset examples/data/test.jsonl \\
+        --test_split test --output examples/ground_truth.safetensors
+"""
+
+RETRAIN_OPTIONS = {
+    "model": dict(help="hub id, local directory, or bundled:<name>"),
+    "train_dataset": dict(help="the train examples (.json/.jsonl/.parquet, a directory, a hub id)"),
+    "test_dataset": dict(help="the test examples whose losses are recorded"),
+    "output": dict(help="the ground-truth file to write (.safetensors)"),
+    "checkpoint_nr": dict(help="index into the model's checkpoints"),
+    "train_split": dict(help="split or slice of the train examples"),
+    "test_split": dict(help="split or slice of the test examples"),
+    "paradigm": dict(choices=["sft", "pre"], help="loss: sft (assistant turns) or pre"),
+    "max_seq_length": dict(help="truncate each example to this many tokens"),
+    "n_subsets": dict(help="number of random train subsets M"),
+    "fraction": dict(help="fraction of the train examples in each subset"),
+    "seed": dict(help="seed of the subsets and their training order"),
+    "train_layers": dict(help="how many of the last decoder layers are fine-tuned"),
+    "epochs": dict(help="epochs over each subset"),
+    "lr": dict(help="AdamW learning rate"),
+    "weight_decay": dict(help="AdamW weight decay"),
+    "batch_size": dict(help="examples per optimizer step"),
+    "threads": dict(help="torch CPU threads"),
 }
 
 QUERY_OPTIONS = {
@@ -454,6 +491,22 @@ def run_original(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from gradproj.retrain import RetrainConfig
+
+    add_config_arguments(parser, RetrainConfig, RETRAIN_OPTIONS)
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from dotenv import load_dotenv
+
+    from gradproj.retrain import RetrainConfig, retrain
+
+    load_dotenv()
+    retrain(RetrainConfig(**vars(args)))
+    return 0
+
+
 def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a folder above runs")
 
@@ -529,6 +582,10 @@ COMMANDS = {
     "original": Command(
         "the original study's JSON lists: agreement as published and corrected", ORIGINAL_DOC,
         add_original_arguments, run_original, extra="analysis",
+    ),
+    "retrain": Command(
+        "fine-tune on random train subsets: the ground truth of influence (LDS)", RETRAIN_DOC,
+        add_retrain_arguments, run_retrain,
     ),
     "verify": Command("check a run's shards", VERIFY_DOC, add_run_dir_argument, run_verify),
     "merge": Command("rebuild a run's manifest", MERGE_DOC, add_run_dir_argument, run_merge),

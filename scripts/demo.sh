@@ -10,7 +10,9 @@
 # Knobs (environment): DEMO_OUTPUT, DEMO_MAX_SEQ_LENGTH, DEMO_DIMS, DEMO_TYPES, DEMO_LIMIT,
 # DEMO_RETRIEVAL (space-separated subset of "params less hidden", default "params hidden": the
 # LESS-style pass costs about 5 more minutes; empty: embeddings only),
-# DEMO_LESS_MODULES, DEMO_LESS_DIM.
+# DEMO_LESS_MODULES, DEMO_LESS_DIM. The linear datamodeling score (LDS) table is added from the
+# shipped ground truth (examples/ground_truth.safetensors, of `gradproj retrain`) when the run
+# covers the same examples: the whole example set at max_seq_length 256 (no DEMO_LIMIT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${DEMO_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
@@ -77,7 +79,15 @@ done
 echo "== 5/5 comparison with the full gradient, and retrieval of each test example's source"
 candidates=()
 for v in "${variants[@]:1}"; do candidates+=("$OUT/scores/$v"); done
+GROUND_TRUTH=examples/ground_truth.safetensors
+lds=()
+if [ -z "${DEMO_LIMIT:-}" ] && [ "${DEMO_MAX_SEQ_LENGTH:-256}" = 256 ] && [ -f "$GROUND_TRUTH" ]; then
+    lds=(--lds "$GROUND_TRUTH")
+else
+    echo "(no LDS table: the shipped ground truth covers the whole example set at 256 tokens)"
+fi
 $PY compare_projections.py --reference "$OUT/scores/full" --candidates "${candidates[@]}" \
-    --output "$OUT/report" --emulate_original --retrieval ${others[@]:+--retrieval_methods "${others[@]}"}
+    --output "$OUT/report" --emulate_original --retrieval ${others[@]:+--retrieval_methods "${others[@]}"} \
+    ${lds[@]:+"${lds[@]}"}
 echo "explanation browser (a static page; open it in a web browser): $OUT/report/explanations.html"
 $PY scripts/demo_summary.py --report "$OUT/report"

@@ -1,13 +1,14 @@
-"""Print the demo's two short tables from compare_projections.py's report directory: per
+"""Print the demo's short tables from compare_projections.py's report directory: per
 projection and function, the median Kendall tau against the full gradient beside how often each
-test example's known source is ranked first / in the top 5; then every method's retrieval."""
+test example's known source is ranked first / in the top 5; then, when the report has one, every
+method's linear datamodeling score (LDS); then every method's retrieval."""
 
 import argparse
 from pathlib import Path
 
 import pandas as pd
 
-from gradproj.analysis.report import retrieval_cells
+from gradproj.analysis.report import lds_cells, retrieval_cells
 
 
 def agreement_table(report: Path) -> pd.DataFrame:
@@ -39,6 +40,10 @@ def main() -> None:
     print("Input-embedding gradient: agreement with the full gradient and retrieval of the source")
     table = agreement_table(args.report)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if (args.report / "lds.csv").is_file():
+        lds = pd.read_csv(args.report / "lds.csv")
+        print(f"\nEvery method: linear datamodeling score (mean [95% CI], {lds.n_test.max()} test)")
+        print(lds_cells(lds).to_string(index=False))
     retrieval = pd.read_csv(args.report / "retrieval.csv")
     print(
         f"\nEvery method: retrieval of the source (mean [95% CI], {retrieval.n_test.iloc[0]} test)"

@@ -41,6 +41,7 @@ class CompareConfig:
     retrieval: bool = False
     retrieval_methods: list[Path] = field(default_factory=list)
     source_field: str = SOURCE_FIELD
+    lds: Path | None = None  # ground truth of `gradproj retrain`: adds lds.csv
 
     def validate(self) -> "CompareConfig":
         self.reference = Path(self.reference)
@@ -63,6 +64,7 @@ class CompareConfig:
             raise UserError("--fp16_runs is only used with --emulate_original")
         if not 0 <= self.flag_margin <= 2:
             raise UserError("--flag_margin must lie in [0, 2] (a Kendall tau difference)")
+        self.lds = Path(self.lds) if self.lds else None
         self.retrieval_methods = [Path(p) for p in self.retrieval_methods]
         self.retrieval = self.retrieval or bool(self.retrieval_methods)
         if self.retrieval and not self.source_field:
@@ -84,6 +86,7 @@ class Comparison:
     dispersion: pd.DataFrame
     ablation: pd.DataFrame | None = None
     retrieval: pd.DataFrame | None = None
+    lds: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     explanations: Path | None = None  # explanations.html, when the datasets could be read
@@ -357,6 +360,19 @@ def source_retrieval(
     )
 
 
+def linear_datamodeling(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
+) -> pd.DataFrame:
+    """lds.csv: every score directory given (with --retrieval_methods), BM25 and random,
+    against the ground truth of --lds."""
+    from gradproj.analysis.lds import lds_table
+    from gradproj.retrain import load_ground_truth
+
+    truth = load_ground_truth(config.lds)
+    others = [load_score_dir(path) for path in config.retrieval_methods]
+    return lds_table(truth, [reference, *candidates, *others], config.n_bootstrap, config.seed)
+
+
 def compare_projections(config: CompareConfig) -> Comparison:
     """Compute every table and figure and write them, with report.md, under config.output;
     a progress line on stderr names the step that runs."""
@@ -364,7 +380,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
 
     config.validate()
     notes: list[str] = []
-    steps = 7 + config.emulate_original + config.retrieval
+    steps = 7 + config.emulate_original + config.retrieval + (config.lds is not None)
     with tqdm(total=steps, desc="compare", unit="step", file=sys.stderr) as bar:
 
         def step(name: str, compute, *args):
@@ -378,6 +394,11 @@ def compare_projections(config: CompareConfig) -> Comparison:
         retrieval = None
         if config.retrieval:
             retrieval = step("source retrieval", source_retrieval, reference, candidates, config)
+        lds = None
+        if config.lds is not None:
+            lds = step(
+                "linear datamodeling score", linear_datamodeling, reference, candidates, config
+            )
         if reference.manifest.get("kind") != "full":
             notes.append(f"The reference {reference.path} is not a full-gradient score directory.")
         metrics = step("agreement metrics", compute_metrics, reference, candidates, config.top_ks)
@@ -401,6 +422,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
             dispersion=dispersion,
             ablation=ablation,
             retrieval=retrieval,
+            lds=lds,
             notes=notes,
         )
         step("tables, figures, report", write_outputs, comparison, config.output)

@@ -228,3 +228,46 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def lds_figure(table: pd.DataFrame, path: Path) -> Path:
+    """Left: LDS per method and function with 95% CIs. Right: LDS against the projection dim,
+    one line per target, projection type and function; an unprojected LDS as a dashed line."""
+    labels = [f"{r.method} ({r.function})" if r.function != r.method else r.method
+              for r in table.itertuples()]  # fmt: skip
+    y = np.arange(len(table))[::-1]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(12, 0.3 * len(table) + 1.6), constrained_layout=True
+    )
+    err = np.vstack([table.lds - table.lds_ci_low, table.lds_ci_high - table.lds])
+    colors = [f"C{FUNCTION_ORDER.index(f) if f in FUNCTION_ORDER else 2}" for f in table.function]
+    left.errorbar(table.lds, y, xerr=np.clip(err, 0, None), fmt="none", ecolor="0.6", capsize=3)
+    left.scatter(table.lds, y, c=colors, zorder=3)
+    left.axvline(0, color="k", lw=0.8)
+    left.set_yticks(y, labels, fontsize="small")
+    left.set_xlabel("LDS (mean over test examples, 95% CI)")
+    left.grid(axis="x", alpha=0.3)
+    gradients = table[table.projection.notna() & (table.target != "hidden")]
+    targets = sorted(set(gradients.target))
+    for (target, function), group in gradients.groupby(["target", "function"]):
+        color = f"C{targets.index(target) + 3}"  # C0-C2 mark functions on the left
+        style = "-" if function == "cosine" else ":"
+        for kind, line in group[group.dim.notna()].groupby("projection"):
+            line = line.sort_values("dim")
+            line_err = np.vstack([line.lds - line.lds_ci_low, line.lds_ci_high - line.lds])
+            right.errorbar(
+                line.dim, line.lds, yerr=np.clip(line_err, 0, None), capsize=3, color=color,
+                ls=style, marker="o" if function == "cosine" else "s",
+                label=f"{target} {kind} {function}",
+            )  # fmt: skip
+        for full in group[group.dim.isna()].lds:
+            right.axhline(full, color=color, ls="--" if function == "cosine" else "-.", lw=1,
+                          label=f"{target} full {function}")  # fmt: skip
+    right.set_xscale("log")
+    right.set_xlabel("projected dim (all layers)")
+    right.set_ylabel("LDS")
+    right.grid(alpha=0.3)
+    if right.lines:
+        right.legend(fontsize="x-small", loc="best")
+    fig.suptitle(f"Linear datamodeling score ({int(table.n_test.max())} test examples)")
+    return _save(fig, path)

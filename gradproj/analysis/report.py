@@ -25,6 +25,8 @@ def write_outputs(comparison, output: Path) -> None:
         tables["ablation.csv"] = comparison.ablation
     if comparison.retrieval is not None:
         tables["retrieval.csv"] = comparison.retrieval
+    if comparison.lds is not None:
+        tables["lds.csv"] = comparison.lds
     for name, table in tables.items():
         table.to_csv(output / name, index=False)
     comparison.figures = write_figures(comparison, output)
@@ -52,6 +54,8 @@ def write_figures(comparison, output: Path) -> list[Path]:
         paths.append(figures.dot_cosine_histogram(comparison.metrics, output / "dot_vs_cosine.png"))
     if comparison.retrieval is not None:
         paths.append(figures.retrieval_intervals(comparison.retrieval, output / "retrieval.png"))
+    if comparison.lds is not None:
+        paths.append(figures.lds_figure(comparison.lds, output / "lds.png"))
     return paths
 
 
@@ -107,7 +111,36 @@ def render_report(comparison) -> str:
             markdown_table(retrieval_cells(comparison.retrieval)),
             *figure_links(comparison.figures, "retrieval"),
         ]
+    if comparison.lds is not None:
+        parts += lds_section(comparison.lds, comparison.figures)
     return "\n".join(parts) + "\n"
+
+
+LDS_NOTE = (
+    "The linear datamodeling score (LDS; Park et al. 2023): the model was fine-tuned on random "
+    "subsets of the train examples (`gradproj retrain`); per test example, the Spearman "
+    "correlation across subsets between the summed scores of a subset's train examples and "
+    "minus the test example's loss after training on it; the mean over test examples with a "
+    "95% bootstrap CI over test examples. 1: the scores predict which subsets help each test "
+    "example; 0: they do not. Methods and limits: docs/lds.md of gradproj.\n"
+)
+
+
+def lds_section(table: pd.DataFrame, paths: list[Path]) -> list[str]:
+    return [
+        "\n## Which ranking is influence: linear datamodeling score\n",
+        LDS_NOTE,
+        markdown_table(lds_cells(table)),
+        *figure_links(paths, "lds"),
+    ]
+
+
+def lds_cells(table: pd.DataFrame) -> pd.DataFrame:
+    cells = table[["method", "function", "n_test"]].copy()
+    cells["lds"] = [
+        f"{r.lds:.3f} [{r.lds_ci_low:.3f}, {r.lds_ci_high:.3f}]" for r in table.itertuples()
+    ]
+    return cells
 
 
 RETRIEVAL_NOTE = (

@@ -1,0 +1,450 @@
+"""`gradproj retrain`: the counterfactual ground truth of influence (docs/lds.md).
+
+Fine-tune a model on M random subsets of the train examples and record every test example's
+mean loss after each, with the base model's losses. `gradproj.analysis.lds` correlates these
+with attribution scores (the linear datamodeling score).
+
+What trains, and why: only the last `train_layers` decoder layers, with AdamW. The frozen prefix
+(embeddings and the first layers) is then the same for every subset, so the hidden states that
+enter the first trained layer are computed once per example and cached; each subset runs only
+the trained layers. The final norm and the LM head stay frozen (SmolLM2 ties the head to the
+embeddings), and logits are computed only at label positions, the costliest product otherwise.
+The loss is the extraction's: each example's mean token loss over its labels (sft: assistant
+turns), the same tokenization and max_seq_length; a batch's loss is the mean over its examples.
+
+Determinism: subset s's membership and training order come from numpy's generator seeded with
+(seed, s) alone, so a subset's result does not depend on which subsets ran before it. Each
+subset's result is written atomically as it finishes, into `<output>.parts/`; a killed run
+continues from there, and the finished file is assembled once every subset is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from gradproj import __version__, data, store
+from gradproj.errors import UserError
+from gradproj.gradients import pad_batch
+
+RETRAIN_FORMAT = "gradproj-retrain/1"
+PARTS_SUFFIX = ".parts"
+SETTINGS_FILE = "settings.json"
+BASE_PART = "base.safetensors"
+PREFIX_PART = "prefix_states.safetensors"
+CAUSAL_PARADIGMS = ("sft", "pre")
+EVAL_BATCH = 8  # test examples per evaluation batch; the losses do not depend on it otherwise
+
+
+@dataclass
+class RetrainConfig:
+    """Options of `gradproj retrain`; `validate` is the one place they are checked."""
+
+    model: str
+    train_dataset: str
+    test_dataset: str
+    output: Path
+    checkpoint_nr: int = 0
+    train_split: str = "train"
+    test_split: str = "train"
+    paradigm: str = "sft"
+    max_seq_length: int = 256
+    n_subsets: int = 32
+    fraction: float = 0.5
+    seed: int = 0
+    train_layers: int = 2
+    epochs: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    threads: int = 2
+
+    def validate(self) -> RetrainConfig:
+        self.output = Path(self.output)
+        checks = [
+            (self.paradigm in CAUSAL_PARADIGMS, f"--paradigm must be one of {CAUSAL_PARADIGMS}"),
+            (self.n_subsets >= 2, "--n_subsets must be at least 2 (LDS correlates across them)"),
+            (0 < self.fraction < 1, "--fraction must lie strictly between 0 and 1"),
+            (self.train_layers >= 1, "--train_layers must be at least 1"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (self.batch_size >= 1, "--batch_size must be at least 1"),
+            (self.max_seq_length >= 2, "--max_seq_length must be at least 2"),
+            (self.threads >= 1, "--threads must be at least 1"),
+            (self.checkpoint_nr >= 0, "--checkpoint_nr must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.output.suffix != ".safetensors":
+            raise UserError(f"--output {self.output}: name a .safetensors file")
+        return self
+
+    def settings(self) -> dict:
+        """What determines the result (not where it goes, nor the thread count)."""
+        chosen = dataclasses.asdict(self)
+        for name in ("output", "threads"):
+            chosen.pop(name)
+        return chosen
+
+
+@dataclass
+class GroundTruth:
+    """A ground-truth file read back: `masks[s, i]` is True when train example i was in subset
+    s; `losses[s, j]` is test example j's mean loss after fine-tuning on subset s."""
+
+    path: Path
+    masks: np.ndarray  # bool [M, n_train]
+    losses: np.ndarray  # float64 [M, n_test]
+    base_losses: np.ndarray  # float64 [n_test]
+    train_ids: list[str]
+    test_ids: list[str]
+    info: dict
+
+
+# --- Reading (the one owner of the format: docs/formats.md, "Ground truth") ---
+
+
+def load_ground_truth(path: str | Path) -> GroundTruth:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ground-truth file (write one with gradproj retrain)")
+    what = f"{path} is not a gradproj ground-truth file"
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {}).get(store.METADATA_KEY, "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # truncated, or not safetensors at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise UserError(f"{what} ({first}); rerun gradproj retrain to write it") from None
+    if info.get("format") != RETRAIN_FORMAT:
+        found = info.get("format", "none")
+        raise UserError(f"{what}: its format is {found!r}, this gradproj reads {RETRAIN_FORMAT}")
+    try:
+        masks, losses, base = tensors["masks"], tensors["losses"], tensors["base_losses"]
+        train_ids, test_ids = (
+            [str(x) for x in info["train_ids"]],
+            [str(x) for x in info["test_ids"]],
+        )
+    except KeyError as err:
+        raise UserError(f"{what}: it lacks {err.args[0]!r}") from None
+    shapes_agree = (
+        masks.ndim == 2
+        and losses.shape == (masks.shape[0], len(test_ids))
+        and masks.shape[1] == len(train_ids)
+        and base.shape == (len(test_ids),)
+    )
+    if not shapes_agree:
+        raise UserError(f"{what}: its tensors and id lists disagree in shape")
+    return GroundTruth(
+        path, masks.numpy().astype(bool), losses.double().numpy(), base.double().numpy(),
+        train_ids, test_ids, info,
+    )  # fmt: skip
+
+
+# --- Subsets ---
+
+
+def subset_generator(seed: int, subset: int) -> np.random.Generator:
+    return np.random.default_rng([seed, subset])
+
+
+def subset_plan(seed: int, subset: int, n_train: int, fraction: float, epochs: int):
+    """Subset `subset`'s membership mask and its training order (positions), one per epoch."""
+    rng = subset_generator(seed, subset)
+    size = max(1, round(fraction * n_train))
+    members = np.sort(rng.choice(n_train, size=size, replace=False))
+    mask = np.zeros(n_train, dtype=np.uint8)
+    mask[members] = 1
+    return mask, [rng.permutation(members) for _ in range(epochs)]
+
+
+def part_name(subset: int) -> str:
+    return f"subset_{subset:05d}.safetensors"
+
+
+# --- The model split into a frozen prefix (run once) and trained layers ---
+
+
+class StopForward(Exception):
+    """Raised by the caching hook: nothing after the first trained layer's input is needed."""
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(
+            f"{type(model).__name__}: gradproj retrain needs a decoder with a list of layers "
+            "(model.model.layers, as Llama, Mistral, Qwen2 and OLMo-2 have)"
+        )
+    return layers
+
+
+def cache_prefix_states(model, examples: list[data.Example], first: int) -> list[torch.Tensor]:
+    """The hidden states entering decoder layer `first`, `[length, hidden]` per example, each
+    computed alone (no padding), stopping the forward there."""
+    states: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        states.append(hidden[0].detach().clone())
+        raise StopForward
+
+    handle = decoder_layers(model)[first].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ex in tqdm(examples, desc="frozen prefix", unit="ex", leave=False):
+                try:
+                    model(input_ids=torch.tensor([ex.input_ids]), use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return states
+
+
+def cached_prefix_states(model, train, test, first: int, parts: Path):
+    """`cache_prefix_states` of the train and test examples, kept in the parts directory so
+    that a resumed run does not recompute them."""
+    path = parts / PREFIX_PART
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            return [[f.get_tensor(f"{side}/{i}") for i in range(len(examples))]
+                    for side, examples in (("train", train), ("test", test))]  # fmt: skip
+    states = [cache_prefix_states(model, examples, first) for examples in (train, test)]
+    tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states, strict=True)
+               for i, state in enumerate(group)}  # fmt: skip
+    store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT})
+    return states
+
+
+def keep_trained_layers(model, first: int) -> list[torch.nn.Parameter]:
+    """Leave only layers `first`.. in the model (their input comes from the cache) and make
+    their parameters, and only theirs, trainable."""
+    base = model.base_model
+    base.layers = torch.nn.ModuleList(list(base.layers)[first:])
+    model.requires_grad_(False)
+    base.layers.requires_grad_(True)
+    return list(base.layers.parameters())
+
+
+def batch_losses(model, states: list[torch.Tensor], batch: list[data.Example]) -> torch.Tensor:
+    """`[B]` mean token loss per example, from cached states; logits only at label positions."""
+    longest = max(ex.length for ex in batch)
+    hidden = torch.zeros(len(batch), longest, states[0].shape[-1], dtype=states[0].dtype)
+    for row, state in enumerate(states):
+        hidden[row, : state.shape[0]] = state
+    _, mask, labels = pad_batch(batch, 0, "cpu")
+    last = model.base_model(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
+    targets = labels[:, 1:]  # position t predicts token t+1
+    chosen = targets != data.IGNORE
+    logits = model.get_output_embeddings()(last.last_hidden_state[:, :-1][chosen])
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float(), targets[chosen], reduction="none"
+    )
+    rows = chosen.nonzero()[:, 0]
+    sums = torch.zeros(len(batch), dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    return sums / chosen.sum(dim=1).clamp(min=1)
+
+
+def evaluate(model, states: list[torch.Tensor], examples: list[data.Example]) -> torch.Tensor:
+    """Every example's mean loss, fp32 `[n]`, in the given order."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), EVAL_BATCH):
+            out.append(
+                batch_losses(model, states[i : i + EVAL_BATCH], examples[i : i + EVAL_BATCH])
+            )
+    return torch.cat(out).float()
+
+
+def train_subset(model, params, states, examples, order: list[np.ndarray], cfg: RetrainConfig):
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch_order in order:
+        for i in range(0, len(epoch_order), cfg.batch_size):
+            chosen = [int(k) for k in epoch_order[i : i + cfg.batch_size]]
+            loss = batch_losses(model, [states[k] for k in chosen], [examples[k] for k in chosen])
+            optimizer.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            optimizer.step()
+
+
+# --- The command ---
+
+
+def read_examples(cfg: RetrainConfig, tokenizer, dataset: str, split: str):
+    """Tokenized examples of a split, and those skipped for having no label token."""
+    rows, first_row = data.load_rows(dataset, split)
+    data.check_columns(rows, cfg.paradigm)
+    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
+    if invalid:
+        raise UserError(data.describe_invalid(invalid, f"{dataset} {split}", "fix them"))
+    kept, skipped = [], []
+    for i, row in enumerate(rows):
+        ex = data.tokenize(tokenizer, row, first_row + i, cfg.paradigm, cfg.max_seq_length)
+        if data.label_positions(ex, cfg.paradigm) == 0:
+            skipped.append({"index": ex.index, "id": ex.id, "reason": "no label token"})
+        else:
+            kept.append(ex)
+    if not kept:
+        raise UserError(f"{dataset} {split}: no example has a label token within max_seq_length")
+    return kept, skipped
+
+
+def training_description(cfg: RetrainConfig, n_layers: int) -> str:
+    first = n_layers - cfg.train_layers
+    return (
+        f"last {cfg.train_layers} of {n_layers} decoder layers (layers {first}..{n_layers - 1}) "
+        f"trained with AdamW (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, batch "
+        f"{cfg.batch_size}, {cfg.epochs} epoch(s)); embeddings, earlier layers, final norm and "
+        "LM head frozen; the frozen prefix's output is cached once per example"
+    )
+
+
+def start_parts(parts: Path, settings: dict) -> None:
+    """The parts directory of a run with these settings: made, or one left by a killed run
+    with the same settings (else an error: its parts belong to another run)."""
+    recorded = parts / SETTINGS_FILE
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before != settings:
+            differ = sorted(
+                k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
+            )
+            raise UserError(
+                f"{parts} holds the parts of a run with other settings (differing in "
+                f"{', '.join(differ)}); remove it, or choose another --output"
+            )
+        return
+    store.atomic_write_json(recorded, settings)
+
+
+def check_existing(cfg: RetrainConfig) -> bool:
+    """True when the output is a finished ground truth of these settings."""
+    if not cfg.output.exists():
+        return False
+    truth = load_ground_truth(cfg.output)
+    if truth.info.get("settings") != cfg.settings():
+        raise UserError(
+            f"{cfg.output} exists and was written with other settings; remove it or choose "
+            "another --output"
+        )
+    return True
+
+
+def retrain(cfg: RetrainConfig) -> Path:
+    """Write the ground truth for `cfg` (resuming from its parts); returns its path."""
+    from gradproj import models
+
+    cfg.validate()
+    if check_existing(cfg):
+        print(f"complete already, nothing to do: {cfg.output}", file=sys.stderr)
+        return cfg.output
+    torch.set_num_threads(cfg.threads)
+    checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
+    tokenizer = models.load_tokenizer(checkpoint)
+    train, train_skipped = read_examples(cfg, tokenizer, cfg.train_dataset, cfg.train_split)
+    test, test_skipped = read_examples(cfg, tokenizer, cfg.test_dataset, cfg.test_split)
+    model = models.load_model(checkpoint, cfg.paradigm, torch.float32, "cpu")
+    n_layers = len(decoder_layers(model))
+    if cfg.train_layers > n_layers:
+        raise UserError(f"--train_layers {cfg.train_layers}: the model has {n_layers} layers")
+    settings = cfg.settings()
+    parts = cfg.output.with_name(cfg.output.name + PARTS_SUFFIX)
+    # Subset s depends on (seed, s) alone: parts of a run with another n_subsets are reused.
+    start_parts(parts, {k: v for k, v in settings.items() if k != "n_subsets"})
+    description = training_description(cfg, n_layers)
+    print(f"retrain: {description}", file=sys.stderr)
+
+    todo = [s for s in range(cfg.n_subsets) if not (parts / part_name(s)).is_file()]
+    began = time.time()
+    if todo or not (parts / BASE_PART).is_file():
+        run_subsets(cfg, model, train, test, parts, todo)
+    info = {
+        "format": RETRAIN_FORMAT,
+        "train_ids": [ex.id for ex in train],
+        "test_ids": [ex.id for ex in test],
+        "train_skipped": train_skipped,
+        "test_skipped": test_skipped,
+        "checkpoint": checkpoint.name,
+        "n_layers": n_layers,
+        "trained": description,
+        "subset_seeds": [[cfg.seed, s] for s in range(cfg.n_subsets)],
+        "settings": settings,
+        "threads": cfg.threads,  # fp32 sums may round differently with another thread count
+        "versions": versions(),
+    }
+    assemble(parts, cfg.output, cfg.n_subsets, info)
+    print(
+        f"ground truth of {cfg.n_subsets} subsets written to {cfg.output} "
+        f"({time.time() - began:.0f} s in this call)",
+        file=sys.stderr,
+    )
+    return cfg.output
+
+
+def run_subsets(cfg: RetrainConfig, model, train, test, parts: Path, todo: list[int]) -> None:
+    """The base losses (unless written) and every subset in `todo`, each written as it ends.
+    Several processes may share one parts directory (e.g. one taking `todo` in reverse): a
+    subset found written is skipped, and one computed twice is written twice, the same bytes."""
+    first = len(decoder_layers(model)) - cfg.train_layers
+    began = time.time()
+    train_states, test_states = cached_prefix_states(model, train, test, first, parts)
+    params = keep_trained_layers(model, first)
+    initial = {k: v.clone() for k, v in model.base_model.layers.state_dict().items()}
+    if not (parts / BASE_PART).is_file():
+        base = evaluate(model, test_states, test)
+        store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
+    print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
+    progress = tqdm(
+        total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
+    )
+    for s in todo:
+        if (parts / part_name(s)).is_file():  # written meanwhile by another process
+            progress.update(1)
+            continue
+        t0 = time.time()
+        mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
+        model.base_model.layers.load_state_dict(initial)
+        train_subset(model, params, train_states, train, order, cfg)
+        losses = evaluate(model, test_states, test)
+        tensors = {"mask": torch.from_numpy(mask), "losses": losses}
+        store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
+        progress.update(1)
+        progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
+    progress.close()
+
+
+def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
+    """The one file from the parts; the parts are removed once it is in place."""
+    masks, losses = [], []
+    for s in range(n_subsets):
+        with safe_open(str(parts / part_name(s)), "pt") as f:
+            masks.append(f.get_tensor("mask"))
+            losses.append(f.get_tensor("losses"))
+    with safe_open(str(parts / BASE_PART), "pt") as f:
+        base = f.get_tensor("losses")
+    tensors = {"masks": torch.stack(masks), "losses": torch.stack(losses), "base_losses": base}
+    store.write_safetensors(tensors, output, info)
+    shutil.rmtree(parts)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {
+        "gradproj": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
