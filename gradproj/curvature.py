@@ -31,33 +31,40 @@ CURVATURE_FORMAT = "gradproj-curvature/1"
 KINDS = ("gram",)
 COMPUTE = torch.float64
 DEFAULT_DAMPING = 1.0  # lambda = 1 x the block's mean eigenvalue
-# One block (a k x k Gram and its eigenvectors, fp64) at most this wide: 2 x 512 MiB.
-MAX_BLOCK_DIM = 8192
+# Largest rank of one block's factorization (its k x r eigenvectors and the Gram or kernel
+# whose eigh gives them, fp64): 2 x 512 MiB for a block of 8192 coordinates.
+MAX_RANK = 8192
+# Kernel eigenvalues below this fraction of a block's largest count as zero.
+RELATIVE_NULL = 1e-12
 # Train vectors summed per step: fixed, so that the sums' rounding is that of the run alone.
 SUM_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
-class Block:
-    """A range of vector coordinates preconditioned together: a module, or the whole vector."""
+class Blocks:
+    """The vector's coordinates in `count` consecutive blocks of `k`: one per module of a params
+    kronecker run (whose modules all have `k_out x k_in` coordinates), or one of the whole."""
 
-    name: str
-    start: int
-    end: int
+    names: tuple[str, ...]
+    k: int
 
     @property
-    def k(self) -> int:
-        return self.end - self.start
+    def count(self) -> int:
+        return len(self.names)
+
+    @property
+    def width(self) -> int:
+        return self.count * self.k
 
 
-def vector_blocks(manifest: dict, width: int) -> list[Block]:
-    """One block per module of a params kronecker run (its manifest `slice`), else one."""
+def vector_blocks(manifest: dict, width: int) -> Blocks:
     modules = manifest.get("modules") or []
-    if modules and all("slice" in m for m in modules) and manifest.get("kind") == "projected":
-        blocks = [Block(m["name"], *m["slice"]) for m in modules]
-        if blocks[-1].end == width:
-            return blocks
-    return [Block("all", 0, width)]
+    if manifest.get("kind") == "projected" and modules and all("slice" in m for m in modules):
+        k = modules[0]["slice"][1]
+        if all(m["slice"] == [i * k, (i + 1) * k] for i, m in enumerate(modules)):
+            if len(modules) * k == width:
+                return Blocks(tuple(m["name"] for m in modules), k)
+    return Blocks(("all",), width)
 
 
 def run_fields(run: store.Run) -> dict:
@@ -78,7 +85,7 @@ def run_fields(run: store.Run) -> dict:
     }
 
 
-def check_supported(run: store.Run) -> list[Block]:
+def check_supported(run: store.Run) -> Blocks:
     """The run's blocks, or a UserError saying why it cannot be preconditioned."""
     ragged, _, width = run.stored_rows()
     if ragged:
@@ -87,65 +94,80 @@ def check_supported(run: store.Run) -> list[Block]:
             "embedding gradients; precondition a projected run"
         )
     blocks = vector_blocks(run.manifest, width)
-    widest = max(blocks, key=lambda b: b.k)
-    if widest.k > MAX_BLOCK_DIM:
-        need = 2 * widest.k**2 * 8 / 2**30
+    rank = min(blocks.k, len(run.ids))
+    if rank > MAX_RANK:
+        need = 2 * blocks.count * rank**2 * 8 / 2**30
         raise UserError(
-            f"--precondition gram on {run.path}: one block of {widest.k:,} coordinates needs "
-            f"{need:.1f} GiB (its Gram and eigenvectors in fp64), above the limit of "
-            f"{MAX_BLOCK_DIM:,} coordinates; use a smaller --proj_dim or the params target, "
-            "whose modules are preconditioned block by block"
+            f"--precondition gram on {run.path}: blocks of {blocks.k:,} coordinates over "
+            f"{len(run.ids):,} examples have rank up to {rank:,}, and their factorization needs "
+            f"{need:.1f} GiB in fp64, above the limit of rank {MAX_RANK:,}; use a smaller "
+            "--proj_dim or the params target, whose modules are preconditioned block by block"
         )
     return blocks
 
 
 @dataclass
 class Curvature:
-    """A train run's factorization: per block, eigenvalues (ascending) and eigenvectors."""
+    """A train run's factorization: `[count, r]` eigenvalues and `[count, k, r]` eigenvectors
+    (r = k, or the number of examples when it is smaller: the other eigenvalues are 0)."""
 
     kind: str
-    blocks: list[Block]
-    eigenvalues: list[torch.Tensor]
-    eigenvectors: list[torch.Tensor]
+    blocks: Blocks
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
     info: dict  # run_fields of the train run, n_vectors, ...
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.numel() * 8 for v in self.eigenvectors)
 
 
 def compute_gram(run: store.Run, device: str) -> Curvature:
-    """Each block's `Phi^T Phi / n` in fp64, streamed through the run; then its eigh."""
+    """Each block's `G = Phi^T Phi / n` in fp64, by the smaller of two exact routes: the
+    `k x k` Gram streamed through the run, or, with fewer examples than k, the `n x n` kernel
+    `Phi Phi^T / n`, whose eigenvectors U give G's as `Phi^T U / sqrt(n s)`."""
     blocks = check_supported(run)
-    grams = [torch.zeros(b.k, b.k, dtype=COMPUTE, device=device) for b in blocks]
-    n = 0
-    for shard in store.iter_blocks(run, SUM_BYTES):
-        vectors = shard.vectors.to(device).to(COMPUTE)
-        n += len(vectors)
-        for gram, block in zip(grams, blocks, strict=True):
-            part = vectors[:, block.start : block.end]
-            gram += part.T @ part
-    values, vectors = [], []
-    for gram in grams:
-        s, v = torch.linalg.eigh(gram / n)
-        values.append(s.clamp_min(0).cpu())  # rounding can make a null direction negative
-        vectors.append(v.cpu().contiguous())  # as stored: one layout, one rounding
+    n = len(run.ids)
+    if n < blocks.k:
+        values, vectors = _kernel_eigh(run, blocks, device)
+    else:
+        values, vectors = _gram_eigh(run, blocks, device)
     info = {"n_vectors": n, "run": str(run.path.resolve()), "fields": run_fields(run)}
-    return Curvature("gram", blocks, values, vectors, info)
+    # as stored: one memory layout, hence one rounding, whether computed or read back
+    return Curvature("gram", blocks, values.cpu(), vectors.cpu().contiguous(), info)
+
+
+def _stored_vectors(run: store.Run, blocks: Blocks, device: str):
+    for shard in store.iter_blocks(run, SUM_BYTES):
+        yield shard.vectors.to(device).to(COMPUTE).reshape(-1, blocks.count, blocks.k)
+
+
+def _gram_eigh(run: store.Run, blocks: Blocks, device: str):
+    gram = torch.zeros(blocks.count, blocks.k, blocks.k, dtype=COMPUTE, device=device)
+    for phi in _stored_vectors(run, blocks, device):
+        gram += torch.einsum("nbi,nbj->bij", phi, phi)
+    values, vectors = torch.linalg.eigh(gram / len(run.ids))
+    return values.clamp_min(0), vectors  # rounding can make a null direction negative
+
+
+def _kernel_eigh(run: store.Run, blocks: Blocks, device: str):
+    phi = torch.cat(list(_stored_vectors(run, blocks, device)))  # n < k: smaller than G
+    n = len(phi)
+    values, u = torch.linalg.eigh(torch.einsum("ibk,jbk->bij", phi, phi) / n)
+    # directions of (near) zero eigenvalue are left to the damping: their vectors are dropped
+    kept = values > values[:, -1:] * RELATIVE_NULL
+    values = torch.where(kept, values, 0.0)
+    scale = torch.where(kept, (n * values).clamp_min(1e-300).rsqrt(), 0.0)
+    vectors = torch.einsum("ibk,bir->bkr", phi, u) * scale[:, None, :]
+    return values, vectors
 
 
 # --- The file ---
 
 
 def save(curvature: Curvature, path: Path) -> None:
-    tensors = {}
-    for i, (s, v) in enumerate(zip(curvature.eigenvalues, curvature.eigenvectors, strict=True)):
-        tensors[f"block{i}.eigenvalues"] = s.contiguous()
-        tensors[f"block{i}.eigenvectors"] = v.contiguous()
+    tensors = {"eigenvalues": curvature.eigenvalues, "eigenvectors": curvature.eigenvectors}
     info = {
         "format": CURVATURE_FORMAT,
         "kind": curvature.kind,
-        "blocks": [[b.name, b.start, b.end] for b in curvature.blocks],
+        "modules": list(curvature.blocks.names),
+        "block_dim": curvature.blocks.k,
         **curvature.info,
     }
     store.write_safetensors(tensors, path, info)
@@ -163,15 +185,10 @@ def load(path: Path) -> Curvature:
             f"--curvature {path} has format {info.get('format')!r}, not {CURVATURE_FORMAT}; "
             "delete it to recompute it"
         )
-    blocks = [Block(name, start, end) for name, start, end in info.pop("blocks")]
-    n = len(blocks)
-    return Curvature(
-        info.pop("kind"),
-        blocks,
-        [tensors[f"block{i}.eigenvalues"] for i in range(n)],
-        [tensors[f"block{i}.eigenvectors"] for i in range(n)],
-        {k: v for k, v in info.items() if k != "format"},
-    )
+    blocks = Blocks(tuple(info.pop("modules")), info.pop("block_dim"))
+    kind = info.pop("kind")
+    info.pop("format")
+    return Curvature(kind, blocks, tensors["eigenvalues"], tensors["eigenvectors"], info)
 
 
 def check_belongs(curvature: Curvature, kind: str, run: store.Run, path: Path) -> None:
@@ -225,38 +242,42 @@ def default_path(train_run: Path, kind: str) -> Path:
 # --- Applying it ---
 
 
-def damping_values(curvature: Curvature, damping: float) -> list[float]:
-    """Each block's lambda: `damping` times its mean eigenvalue (a block of zeros: `damping`)."""
-    means = [float(s.mean()) if len(s) else 0.0 for s in curvature.eigenvalues]
-    return [damping * mean if mean > 0 else damping for mean in means]
+def damping_values(curvature: Curvature, damping: float) -> torch.Tensor:
+    """Each block's lambda: `damping` times its mean eigenvalue, trace(G) / k (a block of
+    zeros: `damping`)."""
+    means = curvature.eigenvalues.sum(1) / curvature.blocks.k
+    return torch.where(means > 0, damping * means, damping)
 
 
 class Whitener:
-    """`x -> x (G + lambda I)^-1/2` block by block, for fp64 `[n, k]` vectors on one device;
-    callable on any number of vectors (a single test vector too)."""
+    """`x -> x (G + lambda I)^-1/2` block by block, for fp64 `[n, width]` vectors on one device;
+    callable on any number of vectors (a single test vector too).
+
+    With G's eigenpairs (s, V) and the complement of V's columns (eigenvalue 0),
+    `(G + lambda I)^-1/2 = lambda^-1/2 I + V diag((s + lambda)^-1/2 - lambda^-1/2) V^T`:
+    `2 k r` operations a block, r the factorization's rank.
+    """
 
     def __init__(self, curvature: Curvature, damping: float, device: str):
         self.blocks = curvature.blocks
-        self.lambdas = damping_values(curvature, damping)
-        self.matrices = []
-        for s, v, lam in zip(
-            curvature.eigenvalues, curvature.eigenvectors, self.lambdas, strict=True
-        ):
-            v = v.to(device, COMPUTE)
-            scale = (s.to(device, COMPUTE) + lam).rsqrt()
-            self.matrices.append((v * scale) @ v.T)
+        lambdas = damping_values(curvature, damping).to(device, COMPUTE)
+        self.base = lambdas.rsqrt()[None, :, None]  # [1, count, 1]
+        values = curvature.eigenvalues.to(device, COMPUTE)
+        self.correction = (values + lambdas[:, None]).rsqrt() - lambdas.rsqrt()[:, None]
+        self.vectors = curvature.eigenvectors.to(device, COMPUTE)
+        self.lambdas = lambdas
 
     @property
-    def width(self) -> int:
-        return self.blocks[-1].end
+    def nbytes(self) -> int:
+        return self.vectors.numel() * 8
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        if vectors.shape[-1] != self.width:
+        if vectors.shape[-1] != self.blocks.width:
             raise UserError(
                 f"vectors of {vectors.shape[-1]} coordinates, but the curvature file covers "
-                f"{self.width}; use the factorization of a run with the same projection"
+                f"{self.blocks.width}; use the factorization of a run with the same projection"
             )
-        out = torch.empty_like(vectors)
-        for block, matrix in zip(self.blocks, self.matrices, strict=True):
-            out[:, block.start : block.end] = vectors[:, block.start : block.end] @ matrix
-        return out
+        x = vectors.reshape(len(vectors), self.blocks.count, self.blocks.k)
+        coefficients = torch.einsum("nbk,bkr->nbr", x, self.vectors) * self.correction
+        out = x * self.base + torch.einsum("nbr,bkr->nbk", coefficients, self.vectors)
+        return out.reshape(vectors.shape)

@@ -613,8 +613,10 @@ def preconditioner(cfg: ScoreConfig, train: store.Run):
         "lambda": "damping x the block's mean eigenvalue",
         "curvature_file": str(path.resolve()),
         "curvature_sha256": store.file_sha256(path),
-        "blocks": len(factorization.blocks),
-        "bytes": sum(m.numel() * 8 for m in whitener.matrices),
+        "blocks": factorization.blocks.count,
+        "block_dim": factorization.blocks.k,
+        "rank": factorization.eigenvalues.shape[1],
+        "bytes": whitener.nbytes,
     }
 
 
