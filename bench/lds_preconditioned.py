@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""LDS and cost of preconditioned scores (`gradproj score --precondition gram`) against plain ones.
+
+For each variant found under --gradients (`<variant>/<model>/{train/train,test/test}/0`, as the
+demo writes them): computes the train run's factorization (timed, stored under --out), scores
+the runs plainly and with `gram` at each --damping (timed), and times the whitening of the
+train vectors alone (the extra cost per example). With --ground_truth (a `gradproj retrain`
+file: `masks` [M, n_train], `losses` [M, n_test], ids in its metadata) it adds each scoring's
+LDS, computed directly: per test example, scipy's Spearman correlation across the M subsets
+between the summed scores of the subset's train examples and minus the loss; the mean over test
+examples with a percentile bootstrap 95% CI over test examples (2000 resamples, seed 0). BM25
+and random rankings are scored the same way as baselines.
+
+  python bench/lds_preconditioned.py --gradients /work/wt/demo_output/gradients \
+      --out /work/wt/i22_out --ground_truth GT.safetensors --dampings 1.0,0.1
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from scipy.stats import spearmanr
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gradproj import curvature, influence, scoredir, store  # noqa: E402
+from gradproj.analysis.retrieval import bm25_scores, conversation_text, read_rows  # noqa: E402
+from gradproj.analysis.stats import bootstrap_ci  # noqa: E402
+
+VARIANTS = (
+    "params_kronecker_8x8", "params_kronecker_16x16", "params_kronecker_32x32",
+    "params_rademacher_1024", "rademacher_512", "rademacher_4096", "rademacher_32768", "hidden",
+)  # fmt: skip
+
+
+def runs_of(root: Path, variant: str):
+    found = {}
+    for split in ("train", "test"):
+        paths = list((root / variant).glob(f"*/{split}/{split}/0/manifest.json"))
+        if len(paths) != 1:
+            return None
+        found[split] = paths[0].parent
+    return found["train"], found["test"]
+
+
+def timed(fn, *args):
+    began = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - began
+
+
+def score(train, test, output: Path, **options) -> float:
+    cfg = influence.ScoreConfig(str(train), str(test), output=str(output), device="cpu", **options)
+    return timed(influence.score_influence, cfg)[1]
+
+
+def costs(train: Path, factor_path: Path) -> dict:
+    """One-off factorization seconds and bytes; whitening seconds per train example."""
+    run = store.Run(train)
+    if factor_path.is_file():
+        factor_path.unlink()  # time it from scratch
+    factorization, seconds = timed(curvature.compute_gram, run, "cpu")
+    curvature.save(factorization, factor_path)
+    whiten = curvature.Whitener(factorization, 1.0, "cpu")
+    _, vectors = run.load_matrix()
+    _, whiten_seconds = timed(whiten, vectors.double())
+    return {
+        "factorization_s": seconds,
+        "factorization_mib": whiten.nbytes / 2**20,
+        "rank": factorization.eigenvalues.shape[1],
+        "blocks": factorization.blocks.count,
+        "k": factorization.blocks.k,
+        "whiten_ms_per_example": 1e3 * whiten_seconds / len(vectors),
+    }
+
+
+def load_truth(path: Path):
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["gradproj"])
+        masks, losses = f.get_tensor("masks").numpy(), f.get_tensor("losses").double().numpy()
+    return masks.astype(np.float64), losses, info["train_ids"], info["test_ids"]
+
+
+def lds(truth, scores: np.ndarray, train_ids: list, test_ids: list) -> dict:
+    masks, losses, gt_train, gt_test = truth
+    cols = [train_ids.index(i) for i in gt_train]
+    rows = [test_ids.index(i) for i in gt_test]
+    predicted = masks @ scores[np.ix_(rows, cols)].T  # [M, n_test]
+    per_test = np.array(
+        [spearmanr(predicted[:, j], -losses[:, j]).statistic for j in range(len(rows))]
+    )
+    per_test = per_test[np.isfinite(per_test)]
+    low, high = bootstrap_ci(per_test, np.mean, 2000, seed=0)
+    return {"n_test": len(per_test), "lds": float(per_test.mean()), "ci_low": low, "ci_high": high}
+
+
+def baselines(truth, train: Path, test: Path) -> list[dict]:
+    manifests = [store.Run(p).manifest for p in (train, test)]
+    rows = [read_rows(m["dataset"], m["split"]) for m in manifests]
+    train_ids, test_ids = truth[2], truth[3]
+    sides = zip(rows, (train_ids, test_ids), strict=True)
+    texts = [[conversation_text(r[i]) for i in ids] for r, ids in sides]
+    bm25 = bm25_scores(*texts)
+    rand = np.random.default_rng(0).random(bm25.shape)
+    return [
+        {"variant": "bm25", "precondition": "-", "function": "bm25"}
+        | lds(truth, bm25, train_ids, test_ids),
+        {"variant": "random", "precondition": "-", "function": "random"}
+        | lds(truth, rand, train_ids, test_ids),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gradients", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ground_truth", type=Path)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--dampings", default="1.0")
+    parser.add_argument("--skip_scoring", action="store_true", help="reuse --out's scores")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    truth = load_truth(args.ground_truth) if args.ground_truth else None
+    table, cost_rows, some_runs = [], [], None
+    for variant in args.variants.split(","):
+        runs = runs_of(args.gradients, variant)
+        if runs is None:
+            print(f"{variant}: no train and test run, skipped", file=sys.stderr)
+            continue
+        some_runs = runs
+        factor = args.out / "curvature" / f"{variant}.safetensors"
+        settings = [("none", None)] + [("gram", float(d)) for d in args.dampings.split(",")]
+        if not args.skip_scoring:
+            factor.parent.mkdir(parents=True, exist_ok=True)
+            cost = {"variant": variant} | costs(runs[0], factor)
+        for kind, damping in settings:
+            name = variant if kind == "none" else f"{variant}_gram_{damping:g}"
+            out = args.out / "scores" / name
+            if not args.skip_scoring:
+                extra = {} if kind == "none" else {
+                    "precondition": kind, "damping": damping, "curvature": str(factor)
+                }  # fmt: skip
+                cost[f"score_s_{kind}_{damping}"] = score(*runs, out, **extra)
+            if truth is not None:
+                sd = scoredir.load_score_dir(out)
+                for function, matrix in sd.scores.items():
+                    row = {"variant": variant, "precondition": kind, "damping": damping,
+                           "function": function}  # fmt: skip
+                    table.append(row | lds(truth, matrix, sd.train_ids, sd.test_ids))
+                    print(json.dumps(table[-1]), flush=True)
+        if not args.skip_scoring:
+            cost_rows.append(cost)
+            print(json.dumps(cost), flush=True)
+    if truth is not None and some_runs is not None:
+        table += baselines(truth, *some_runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("lds.csv", table), ("costs.csv", cost_rows)):
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            with open(args.out / name, "w", newline="") as f:
+                writer = csv.DictWriter(f, keys)
+                writer.writeheader()
+                writer.writerows(rows)
+    for row in table:
+        damping = row.get("damping") or ""
+        ci = f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        print(f"{row['variant']:28} {row['precondition']:5} {damping:>5} {row['function']:7} "
+              f"{row['lds']:.3f} {ci}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
