@@ -32,7 +32,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gradproj import curvature, influence, scoredir, store  # noqa: E402
-from gradproj.analysis.retrieval import bm25_scores, conversation_text, read_rows  # noqa: E402
+from gradproj.analysis.retrieval import (  # noqa: E402
+    bm25_scores,
+    conversation_text,
+    dataset_rows,
+    find_sources,
+    read_rows,
+    retrieval_statistics,
+    source_ranks,
+)
 from gradproj.analysis.stats import bootstrap_ci  # noqa: E402
 
 VARIANTS = (
@@ -102,6 +110,13 @@ def lds(truth, scores: np.ndarray, train_ids: list, test_ids: list) -> dict:
     return {"n_test": len(per_test), "lds": float(per_test.mean()), "ci_low": low, "ci_high": high}
 
 
+def retrieval(sd, function: str) -> dict:
+    """Top-1 share and MRR of each test example's paraphrase source (`source_id`)."""
+    sources = find_sources(*reversed(dataset_rows(sd)), sd, "source_id")
+    stats = retrieval_statistics(source_ranks(sd, function, sources))
+    return {"top1": stats["top1"], "mrr": stats["mrr"]}
+
+
 def baselines(truth, train: Path, test: Path) -> list[dict]:
     manifests = [store.Run(p).manifest for p in (train, test)]
     rows = [read_rows(m["dataset"], m["split"]) for m in manifests]
@@ -149,20 +164,21 @@ def main() -> None:
                     "precondition": kind, "damping": damping, "curvature": str(factor)
                 }  # fmt: skip
                 cost[f"score_s_{kind}_{damping}"] = score(*runs, out, **extra)
-            if truth is not None:
-                sd = scoredir.load_score_dir(out)
-                for function, matrix in sd.scores.items():
-                    row = {"variant": variant, "precondition": kind, "damping": damping,
-                           "function": function}  # fmt: skip
-                    table.append(row | lds(truth, matrix, sd.train_ids, sd.test_ids))
-                    print(json.dumps(table[-1]), flush=True)
+            sd = scoredir.load_score_dir(out)
+            for function, matrix in sd.scores.items():
+                row = {"variant": variant, "precondition": kind, "damping": damping,
+                       "function": function} | retrieval(sd, function)  # fmt: skip
+                if truth is not None:
+                    row |= lds(truth, matrix, sd.train_ids, sd.test_ids)
+                table.append(row)
+                print(json.dumps(row), flush=True)
         if not args.skip_scoring:
             cost_rows.append(cost)
             print(json.dumps(cost), flush=True)
     if truth is not None and some_runs is not None:
         table += baselines(truth, *some_runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("lds.csv", table), ("costs.csv", cost_rows)):
+    for name, rows in (("scores.csv", table), ("costs.csv", cost_rows)):
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))
             with open(args.out / name, "w", newline="") as f:
@@ -171,9 +187,10 @@ def main() -> None:
                 writer.writerows(rows)
     for row in table:
         damping = row.get("damping") or ""
-        ci = f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        found = f"top1 {row['top1']:.2f} mrr {row['mrr']:.2f}" if "top1" in row else ""
+        ci = f"{row['lds']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" if "lds" in row else ""
         print(f"{row['variant']:28} {row['precondition']:5} {damping:>5} {row['function']:7} "
-              f"{row['lds']:.3f} {ci}")  # fmt: skip
+              f"{found} {ci}")  # fmt: skip
 
 
 if __name__ == "__main__":
