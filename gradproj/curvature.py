@@ -106,6 +106,12 @@ def check_supported(run: store.Run) -> Blocks:
     return blocks
 
 
+def factorization_bytes(run: store.Run) -> int:
+    """The fp64 eigenvectors' bytes of the run's factorization, `count x k x min(k, n)`."""
+    blocks = check_supported(run)
+    return blocks.count * blocks.k * min(blocks.k, len(run.ids)) * 8
+
+
 @dataclass
 class Curvature:
     """A train run's factorization: `[count, r]` eigenvalues and `[count, k, r]` eigenvectors

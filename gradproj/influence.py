@@ -600,10 +600,9 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
             )
 
 
-def preconditioner(cfg: ScoreConfig, train: store.Run):
-    """(the Whitener of `--precondition`, its summary entry), or (None, None)."""
-    if cfg.precondition == "none":
-        return None, None
+def preconditioner(cfg: ScoreConfig, train: store.Run) -> tuple[curvature.Whitener, dict]:
+    """The Whitener of `--precondition` (its stored factorization, else computed and stored),
+    and its entry in summary.json."""
     path = Path(cfg.curvature or curvature.default_path(train.path, cfg.precondition))
     factorization = curvature.load_or_compute(cfg.precondition, train, path, cfg.device)
     whitener = curvature.Whitener(factorization, cfg.damping, cfg.device)
@@ -621,11 +620,12 @@ def preconditioner(cfg: ScoreConfig, train: store.Run):
 
 
 def reserve(plan: Plan, nbytes: int) -> Plan:
-    """The plan with `nbytes` (the whitening matrices) taken from its budget, or a UserError."""
+    """The plan with `nbytes` (the whitening's eigenvectors) taken from its budget, or a
+    UserError."""
     if nbytes > plan.budget_bytes // 2:
         raise UserError(
-            f"the preconditioner's matrices need {nbytes / 2**30:.2f} GiB, more than half the "
-            f"{plan.budget_bytes / 2**30:.2f} GiB memory budget; raise --memory_gb"
+            f"the preconditioner's matrices need {nbytes / 2**30:.3g} GiB, more than half the "
+            f"{plan.budget_bytes / 2**30:.3g} GiB memory budget; raise --memory_gb"
         )
     share = (plan.budget_bytes - nbytes) / plan.budget_bytes
     # a whitened block is a second fp64 copy: halve the blocks once more
@@ -639,10 +639,11 @@ def score_influence(cfg: ScoreConfig) -> Path:
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
     scoredir.check_replaceable(out)
-    whitener, whitening = preconditioner(cfg, train)
     plan = plan_memory(cfg, train, test)
-    if whitener is not None:
-        plan = reserve(plan, whitening["bytes"])
+    whitener = whitening = None
+    if cfg.precondition != "none":
+        plan = reserve(plan, curvature.factorization_bytes(train))  # before computing it
+        whitener, whitening = preconditioner(cfg, train)
     scores = Scorer(cfg, train, test, plan, whitener).run()
     warn_excluded(scores.excluded)
 

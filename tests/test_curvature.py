@@ -201,6 +201,8 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
         plain, "--precondition", "gram", "--curvature", str(tmp_path / "notafile.safetensors")
     )
     assert "is not a curvature file" in bad_file
+    tiny_budget = refused(plain, "--precondition", "gram", "--memory_gb", "1e-9")
+    assert "the preconditioner's matrices need" in tiny_budget
     monkeypatch.setattr(curvature, "MAX_RANK", 2)
     line = refused(plain, "--precondition", "gram")
     assert "have rank up to 4" in line and "GiB" in line
