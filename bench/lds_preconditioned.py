@@ -44,7 +44,7 @@ from gradproj.analysis.retrieval import (  # noqa: E402
 from gradproj.analysis.stats import bootstrap_ci  # noqa: E402
 
 VARIANTS = (
-    "params_kronecker_8x8", "params_kronecker_16x16", "params_kronecker_32x32",
+    "full", "params_kronecker_8x8", "params_kronecker_16x16", "params_kronecker_32x32",
     "params_rademacher_1024", "rademacher_512", "rademacher_4096", "rademacher_32768", "hidden",
 )  # fmt: skip
 
@@ -153,9 +153,12 @@ def main() -> None:
         some_runs = runs
         factor = args.out / "curvature" / f"{variant}.safetensors"
         settings = [("none", None)] + [("gram", float(d)) for d in args.dampings.split(",")]
+        ragged = store.Run(runs[0]).stored_rows()[0]  # full embedding gradients: plain only
+        if ragged:
+            settings = settings[:1]
         if not args.skip_scoring:
             factor.parent.mkdir(parents=True, exist_ok=True)
-            cost = {"variant": variant} | costs(runs[0], factor)
+            cost = {"variant": variant} | ({} if ragged else costs(runs[0], factor))
         for kind, damping in settings:
             name = variant if kind == "none" else f"{variant}_gram_{damping:g}"
             out = args.out / "scores" / name
@@ -178,6 +181,10 @@ def main() -> None:
     if truth is not None and some_runs is not None:
         table += baselines(truth, *some_runs)
     args.out.mkdir(parents=True, exist_ok=True)
+    if cost_rows and (args.out / "costs.csv").is_file():  # keep the other variants' rows
+        with open(args.out / "costs.csv", newline="") as f:
+            done = {r["variant"] for r in cost_rows}
+            cost_rows = [r for r in csv.DictReader(f) if r["variant"] not in done] + cost_rows
     for name, rows in (("scores.csv", table), ("costs.csv", cost_rows)):
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))
