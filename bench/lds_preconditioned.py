@@ -90,7 +90,23 @@ def costs(train: Path, factor_path: Path) -> dict:
     }
 
 
-def load_truth(path: Path):
+def load_truth(path: Path, id_runs):
+    """(masks [M, n_train], losses [M, n_test], train ids, test ids) of a ground-truth file, or
+    of the finished subsets of a `gradproj retrain` still running (its `.parts` directory:
+    `subset_*.safetensors` with `mask` and `losses`; the ids, which only the final file
+    records, are then the extraction runs' `id_runs`, in manifest order: the same examples in
+    the same dataset order, checked by count)."""
+    if path.is_dir():
+        masks, losses = [], []
+        for part in sorted(path.glob("subset_*.safetensors")):
+            with safe_open(str(part), framework="pt") as f:
+                masks.append(f.get_tensor("mask").numpy())
+                losses.append(f.get_tensor("losses").double().numpy())
+        train_ids, test_ids = (store.Run(p).ids for p in id_runs)
+        masks, losses = np.stack(masks), np.stack(losses)
+        assert masks.shape[1] == len(train_ids) and losses.shape[1] == len(test_ids)
+        print(f"ground truth: {len(masks)} finished subsets of {path}", file=sys.stderr)
+        return masks.astype(np.float64), losses, train_ids, test_ids
     with safe_open(str(path), framework="pt") as f:
         info = json.loads(f.metadata()["gradproj"])
         masks, losses = f.get_tensor("masks").numpy(), f.get_tensor("losses").double().numpy()
@@ -137,13 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gradients", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--ground_truth", type=Path)
+    parser.add_argument("--ground_truth", type=Path, help="a retrain file, or its .parts dir")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dampings", default="1.0")
     parser.add_argument("--skip_scoring", action="store_true", help="reuse --out's scores")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    truth = load_truth(args.ground_truth) if args.ground_truth else None
+    id_runs = runs_of(args.gradients, "hidden")
+    truth = load_truth(args.ground_truth, id_runs) if args.ground_truth else None
     table, cost_rows, some_runs = [], [], None
     for variant in args.variants.split(","):
         runs = runs_of(args.gradients, variant)
