@@ -207,3 +207,19 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
     line = refused(plain, "--precondition", "gram")
     assert "have rank up to 4" in line and "GiB" in line
     assert not (tmp_path / "s").exists() and not (plain / "curvature").exists()
+
+
+def test_blocks_follow_the_module_slices_or_cover_the_whole_vector():
+    modules = kronecker_module_params(2, 3, ["a", "b"])["modules"]
+    manifest = {"kind": "projected", "modules": modules}
+    assert curvature.vector_blocks(manifest, 12) == curvature.Blocks(("a", "b"), 6)
+    dense = {"kind": "projected", "modules": [{"name": "a"}, {"name": "b"}]}  # LESS-style
+    assert curvature.vector_blocks(dense, 32) == curvature.Blocks(("all",), 32)
+    assert curvature.vector_blocks({"kind": "hidden"}, 8) == curvature.Blocks(("all",), 8)
+
+
+def test_whitener_refuses_vectors_of_another_width(tmp_path):
+    train = golden_run(tmp_path, "params_kronecker_4x8", "train")
+    whiten = curvature.Whitener(curvature.compute_gram(store.Run(train), "cpu"), 1.0, "cpu")
+    with pytest.raises(curvature.UserError, match="covers 128"):
+        whiten(torch.zeros(1, 64, dtype=torch.float64))
