@@ -142,10 +142,12 @@ SCORE_OPTIONS = {
         "80%% of the free memory on CUDA)"
     ),
     "precondition": dict(
-        choices=["none", "gram"],
-        help="curvature correction: none (plain dot and cosine) or gram (whiten both sides by "
+        choices=["none", "gram", "kfac"],
+        help="curvature correction: none (plain dot and cosine), gram (whiten both sides by "
         "(G + lambda I)^-1/2, G the train run's second moment, per module for params kronecker "
-        "runs; see docs/scoring.md)",
+        "runs) or kfac (params kronecker runs: per module, the Kronecker product of the "
+        "projected input and output-gradient covariances; reads the model once more); see "
+        "docs/scoring.md",
     ),
     "damping": dict(help="lambda as a multiple of each block's mean eigenvalue of G"),
     "curvature": dict(

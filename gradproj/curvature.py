@@ -28,7 +28,7 @@ from gradproj import store
 from gradproj.errors import UserError
 
 CURVATURE_FORMAT = "gradproj-curvature/1"
-KINDS = ("gram",)
+KINDS = ("gram", "kfac")
 COMPUTE = torch.float64
 DEFAULT_DAMPING = 1.0  # lambda = 1 x the block's mean eigenvalue
 # Largest rank of one block's factorization (its k x r eigenvectors and the Gram or kernel
@@ -106,22 +106,35 @@ def check_supported(run: store.Run) -> Blocks:
     return blocks
 
 
-def factorization_bytes(run: store.Run) -> int:
-    """The fp64 eigenvectors' bytes of the run's factorization, `count x k x min(k, n)`."""
+def factorization_bytes(run: store.Run, kind: str = "gram") -> int:
+    """The fp64 eigenvectors' bytes of the run's factorization: `count x k x min(k, n)` for
+    gram, `count x (k_out^2 + k_in^2)` for kfac."""
     blocks = check_supported(run)
+    if kind == "kfac":
+        k_out, k_in = kronecker_dims(run)
+        return blocks.count * (k_out**2 + k_in**2) * 8
     return blocks.count * blocks.k * min(blocks.k, len(run.ids)) * 8
 
 
 @dataclass
 class Curvature:
-    """A train run's factorization: `[count, r]` eigenvalues and `[count, k, r]` eigenvectors
-    (r = k, or the number of examples when it is smaller: the other eigenvalues are 0)."""
+    """A train run's factorization. gram: `eigenvalues` `[count, r]` and `eigenvectors`
+    `[count, k, r]` of each block's G (r = k, or the number of examples when it is smaller: the
+    other eigenvalues are 0). kfac: `out_eigenvalues` `[count, k_out]`, `out_eigenvectors`
+    `[count, k_out, k_out]` and likewise `in_...` of each module's two factors."""
 
     kind: str
     blocks: Blocks
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
+    tensors: dict[str, torch.Tensor]
     info: dict  # run_fields of the train run, n_vectors, ...
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.tensors["eigenvalues"]
+
+    @property
+    def eigenvectors(self) -> torch.Tensor:
+        return self.tensors["eigenvectors"]
 
 
 def compute_gram(run: store.Run, device: str) -> Curvature:
@@ -136,7 +149,8 @@ def compute_gram(run: store.Run, device: str) -> Curvature:
         values, vectors = _gram_eigh(run, blocks, device)
     info = {"n_vectors": n, "run": str(run.path.resolve()), "fields": run_fields(run)}
     # as stored: one memory layout, hence one rounding, whether computed or read back
-    return Curvature("gram", blocks, values.cpu(), vectors.cpu().contiguous(), info)
+    tensors = {"eigenvalues": values.cpu(), "eigenvectors": vectors.cpu().contiguous()}
+    return Curvature("gram", blocks, tensors, info)
 
 
 def _stored_vectors(run: store.Run, blocks: Blocks, device: str):
@@ -164,11 +178,119 @@ def _kernel_eigh(run: store.Run, blocks: Blocks, device: str):
     return values, vectors
 
 
+# --- kfac: the factors of each module, from the model once more ---
+
+
+def kronecker_dims(run: store.Run) -> tuple[int, int]:
+    """(k_out, k_in) of a params kronecker run, or a UserError: kfac needs its layout."""
+    projection = run.manifest.get("projection") or {}
+    if run.manifest.get("target") != "params" or projection.get("type") != "kronecker":
+        raise UserError(
+            f"--precondition kfac needs a params run projected by kronecker (--target params "
+            f"--proj_type kronecker); {run.path} is {run.manifest.get('target')} "
+            f"{projection.get('type', 'full')}: use --precondition gram"
+        )
+    k_out, k_in = projection["per_module"]
+    return int(k_out), int(k_in)
+
+
+def compute_kfac(run: store.Run, device: str) -> Curvature:
+    """Each module's Kronecker factors in the projected space, eigendecomposed:
+    `S_out = E_t[(A^T delta_t)(A^T delta_t)^T]` and `S_in = E_t[(B^T x_t)(B^T x_t)^T]` over every
+    token of the run's examples (x a layer's input, delta the gradient of the example's loss at
+    its output, A and B the run's own projection factors). Reads the model once more: the run's
+    examples are tokenized and batched as its extraction did (the manifest's options)."""
+    k_out, k_in = kronecker_dims(run)
+    blocks = vector_blocks(run.manifest, len(run.manifest["modules"]) * k_out * k_in)
+    sums, tokens = _factor_sums(run, device, k_out, k_in)
+    tensors = {}
+    for side, total in sums.items():
+        values, vectors = torch.linalg.eigh(total / max(tokens, 1))
+        tensors[f"{side}_eigenvalues"] = values.clamp_min(0).cpu()
+        tensors[f"{side}_eigenvectors"] = vectors.cpu().contiguous()
+    info = {
+        "n_vectors": len(run.ids),
+        "tokens": tokens,
+        "per_module": [k_out, k_in],
+        "run": str(run.path.resolve()),
+        "fields": run_fields(run),
+    }
+    return Curvature("kfac", blocks, tensors, info)
+
+
+def _factor_sums(run: store.Run, device: str, k_out: int, k_in: int):
+    from gradproj import data, gradients, models  # the model: only kfac needs it
+    from gradproj.targets.params import Layer, layer_projection
+
+    options = run.manifest["options"]
+    checkpoint = models.resolve_checkpoint(options["model"], options["checkpoint_nr"])
+    tokenizer = models.load_tokenizer(checkpoint)
+    dtype = models.resolve_dtype(options["dtype"], device)
+    model = models.load_model(checkpoint, options["paradigm"], dtype, device)
+    examples = _run_examples(run, tokenizer, options)
+    named = dict(model.named_modules())
+    modules = [(m["name"], named[m["name"]]) for m in run.manifest["modules"]]
+    seed, dim = run.manifest["projection"]["seed"], run.manifest["projection"]["dim"]
+    factors = [
+        layer_projection(seed, Layer(name, *module.weight.shape, 0), [dim], device).widest_factors()
+        for name, module in modules
+    ]
+    position = {name: i for i, (name, _) in enumerate(modules)}
+    count = len(modules)
+    sums = {
+        "out": torch.zeros(count, k_out, k_out, dtype=COMPUTE, device=device),
+        "in": torch.zeros(count, k_in, k_in, dtype=COMPUTE, device=device),
+    }
+    valid = {}
+
+    def add(side: str, name: str, projected: torch.Tensor) -> None:
+        rows = projected[valid["mask"]].to(COMPUTE)  # the examples' own tokens, no padding
+        sums[side][position[name]] += rows.T @ rows
+
+    def on_input(name, x):
+        add("in", name, x.float() @ factors[position[name]][1])
+
+    def on_output_grad(name, delta):
+        add("out", name, delta.float() @ factors[position[name]][0])
+
+    tokens = 0
+    causal, pad_id = options["paradigm"] != "mlm", tokenizer.pad_token_id or 0
+    with gradients.LinearTaps(modules, on_input, on_output_grad):
+        for batch in data.batches_by_tokens(examples, options["batch_tokens"]):
+            lengths = torch.tensor([ex.length for ex in batch], device=device)
+            longest = int(lengths.max())
+            valid["mask"] = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+            gradients.embedding_gradients(model, batch, causal, pad_id)
+            tokens += int(lengths.sum())
+    return sums, tokens
+
+
+def _run_examples(run: store.Run, tokenizer, options: dict) -> list:
+    """The run's examples, tokenized as its extraction tokenized them; their ids are checked."""
+    from gradproj import data
+
+    rows, first_row = data.load_rows(options["dataset"], options["dataset_split"])
+    examples = []
+    for entry in run.manifest["examples"]:
+        row = rows[entry["index"] - first_row]
+        ex = data.tokenize(
+            tokenizer, row, entry["index"], options["paradigm"], options["max_seq_length"],
+            str(options["checkpoint_nr"]),
+        )  # fmt: skip
+        if ex.id != entry["id"]:
+            raise UserError(
+                f"row {entry['index']} of {options['dataset']} is {ex.id!r}, but the run has "
+                f"{entry['id']!r}: the dataset changed since the extraction; re-extract"
+            )
+        examples.append(ex)
+    return examples
+
+
 # --- The file ---
 
 
 def save(curvature: Curvature, path: Path) -> None:
-    tensors = {"eigenvalues": curvature.eigenvalues, "eigenvectors": curvature.eigenvectors}
+    tensors = curvature.tensors
     info = {
         "format": CURVATURE_FORMAT,
         "kind": curvature.kind,
@@ -194,7 +316,7 @@ def load(path: Path) -> Curvature:
     blocks = Blocks(tuple(info.pop("modules")), info.pop("block_dim"))
     kind = info.pop("kind")
     info.pop("format")
-    return Curvature(kind, blocks, tensors["eigenvalues"], tensors["eigenvectors"], info)
+    return Curvature(kind, blocks, tensors, info)
 
 
 def check_belongs(curvature: Curvature, kind: str, run: store.Run, path: Path) -> None:
@@ -222,7 +344,7 @@ def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curva
         check_belongs(curvature, kind, run, path)
         return curvature
     check_writable(path)
-    curvature = compute_gram(run, device)
+    curvature = compute_kfac(run, device) if kind == "kfac" else compute_gram(run, device)
     save(curvature, path)
     return curvature
 
@@ -287,3 +409,41 @@ class Whitener:
         coefficients = torch.einsum("nbk,bkr->nbr", x, self.vectors) * self.correction
         out = x * self.base + torch.einsum("nbr,bkr->nbk", coefficients, self.vectors)
         return out.reshape(vectors.shape)
+
+
+class KfacWhitener:
+    """`x -> x (S_out (x) S_in + lambda I)^-1/2` per module, through the factors' eigenbases:
+    with `S_out = Q_o diag(a) Q_o^T`, `S_in = Q_i diag(b) Q_i^T`, a module's `[k_out, k_in]`
+    block X becomes `Q_o ((Q_o^T X Q_i) / sqrt(a b^T + lambda)) Q_i^T` (exact for the Kronecker
+    product, whose eigenvalues are the products a_o b_i); lambda = damping x their mean."""
+
+    def __init__(self, curvature: Curvature, damping: float, device: str):
+        self.blocks = curvature.blocks
+        self.k_out, self.k_in = curvature.info["per_module"]
+        t = {name: v.to(device, COMPUTE) for name, v in curvature.tensors.items()}
+        self.q_out, self.q_in = t["out_eigenvectors"], t["in_eigenvectors"]
+        products = t["out_eigenvalues"][:, :, None] * t["in_eigenvalues"][:, None, :]
+        means = products.mean((1, 2))
+        self.lambdas = torch.where(means > 0, damping * means, damping)
+        self.scale = (products + self.lambdas[:, None, None]).rsqrt()
+
+    @property
+    def nbytes(self) -> int:
+        return (self.q_out.numel() + self.q_in.numel() + self.scale.numel()) * 8
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        if vectors.shape[-1] != self.blocks.width:
+            raise UserError(
+                f"vectors of {vectors.shape[-1]} coordinates, but the curvature file covers "
+                f"{self.blocks.width}; use the factorization of a run with the same projection"
+            )
+        x = vectors.reshape(len(vectors), self.blocks.count, self.k_out, self.k_in)
+        y = torch.einsum("bpo,nbpi,biq->nboq", self.q_out, x, self.q_in) * self.scale
+        out = torch.einsum("bop,nbpq,biq->nboi", self.q_out, y, self.q_in)
+        return out.reshape(vectors.shape)
+
+
+def make_whitener(curvature: Curvature, damping: float, device: str):
+    """The callable that whitens vectors by the factorization (any number, one included)."""
+    kind = KfacWhitener if curvature.kind == "kfac" else Whitener
+    return kind(curvature, damping, device)

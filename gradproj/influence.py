@@ -605,7 +605,7 @@ def preconditioner(cfg: ScoreConfig, train: store.Run) -> tuple[curvature.Whiten
     and its entry in summary.json."""
     path = Path(cfg.curvature or curvature.default_path(train.path, cfg.precondition))
     factorization = curvature.load_or_compute(cfg.precondition, train, path, cfg.device)
-    whitener = curvature.Whitener(factorization, cfg.damping, cfg.device)
+    whitener = curvature.make_whitener(factorization, cfg.damping, cfg.device)
     return whitener, {
         "kind": cfg.precondition,
         "damping": cfg.damping,
@@ -614,7 +614,6 @@ def preconditioner(cfg: ScoreConfig, train: store.Run) -> tuple[curvature.Whiten
         "curvature_sha256": store.file_sha256(path),
         "blocks": factorization.blocks.count,
         "block_dim": factorization.blocks.k,
-        "rank": factorization.eigenvalues.shape[1],
         "bytes": whitener.nbytes,
     }
 
@@ -642,7 +641,7 @@ def score_influence(cfg: ScoreConfig) -> Path:
     plan = plan_memory(cfg, train, test)
     whitener = whitening = None
     if cfg.precondition != "none":
-        plan = reserve(plan, curvature.factorization_bytes(train))  # before computing it
+        plan = reserve(plan, curvature.factorization_bytes(train, cfg.precondition))
         whitener, whitening = preconditioner(cfg, train)
     scores = Scorer(cfg, train, test, plan, whitener).run()
     warn_excluded(scores.excluded)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gradproj import curvature, store
+from gradproj.cli import extract_main
 from gradproj.cli import score_main as main
-from tests.conftest import user_error_line
+from tests.conftest import conversations, user_error_line, write_jsonl
 from tests.test_golden import EXPECTED
 from tests.test_influence import read_scores, synthetic_run
 
@@ -223,3 +224,107 @@ def test_whitener_refuses_vectors_of_another_width(tmp_path):
     whiten = curvature.Whitener(curvature.compute_gram(store.Run(train), "cpu"), 1.0, "cpu")
     with pytest.raises(curvature.UserError, match="covers 128"):
         whiten(torch.zeros(1, 64, dtype=torch.float64))
+
+
+# --- kfac ---
+
+
+@pytest.fixture(scope="module")
+def params_runs(tiny_llama, tmp_path_factory) -> dict:
+    """Train and test runs of the tiny model's self-attention layers, kronecker 2x3, in batches
+    of several examples (padded: the factors must leave the padding out)."""
+    root = tmp_path_factory.mktemp("kfac")
+    files = {
+        "train": write_jsonl(root / "train_set.jsonl", conversations(10, long_every=4)),
+        "test": write_jsonl(root / "test_set.jsonl", conversations(14)[10:]),
+    }
+    runs = {}
+    for role, dataset in files.items():
+        argv = [str(tiny_llama), str(dataset), "0", "--gradients_output_path", str(root / "g"),
+                "--max_seq_length", "40", "--batch_tokens", "96", "--target", "params",
+                "--modules", "*.self_attn.*", "--random_projection", "--proj_type",
+                "kronecker", "--proj_dim", "2x3"]  # fmt: skip
+        assert extract_main(argv) == 0
+        runs[role] = root / "g" / "params_kronecker_2x3" / tiny_llama.name / dataset.stem
+        runs[role] = runs[role] / "train" / "0"
+    return runs
+
+
+def kfac_factors(path) -> tuple[np.ndarray, np.ndarray]:
+    """Each module's S_out and S_in, rebuilt from the stored eigendecompositions."""
+    t = curvature.load(path).tensors
+
+    def rebuild(side):
+        q, s = t[f"{side}_eigenvectors"].numpy(), t[f"{side}_eigenvalues"].numpy()
+        return np.einsum("bij,bj,bkj->bik", q, s, q)
+
+    return rebuild("out"), rebuild("in")
+
+
+def test_kfac_matches_solve_with_the_kronecker_product_of_the_factors(params_runs, tmp_path):
+    train, test = params_runs["train"], params_runs["test"]
+    factor_file = tmp_path / "kfac.safetensors"
+    ours = score(train, test, tmp_path / "s", "--precondition", "kfac", "--curvature",
+                 str(factor_file), "--damping", "0.1")  # fmt: skip
+    s_out, s_in = kfac_factors(factor_file)
+    assert len(s_out) == len(store.Run(train).manifest["modules"]) > 1
+    blocks = []
+    for a, b in zip(s_out, s_in, strict=True):
+        product = np.kron(a, b)  # row-major vec of a k_out x k_in block
+        lam = 0.1 * np.trace(product) / len(product)
+        blocks.append(product + lam * np.eye(len(product)))
+    m = np.zeros((6 * len(blocks), 6 * len(blocks)))
+    for i, block in enumerate(blocks):
+        m[6 * i : 6 * (i + 1), 6 * i : 6 * (i + 1)] = block
+    assert_close(ours, solve_with(m, vectors_of(train), vectors_of(test)))
+
+
+def solve_with(m, phi, t):
+    dot = t @ np.linalg.solve(m, phi.T)
+    test_norms = np.sqrt(np.einsum("ij,ji->i", t, np.linalg.solve(m, t.T)))
+    train_norms = np.sqrt(np.einsum("ij,ji->i", phi, np.linalg.solve(m, phi.T)))
+    return {"dot": dot, "cosine": dot / np.outer(test_norms, train_norms)}
+
+
+def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_runs, tmp_path):
+    """The factors against hooks on each example alone (no batch, no padding), in fp64."""
+    from gradproj import data, gradients, models
+    from gradproj.targets.params import Layer, layer_projection
+
+    run = store.Run(params_runs["train"])
+    factor_file = tmp_path / "kfac.safetensors"
+    curvature.save(curvature.compute_kfac(run, "cpu"), factor_file)
+    s_out, s_in = kfac_factors(factor_file)
+    options = run.manifest["options"]
+    checkpoint = models.resolve_checkpoint(options["model"], 0)
+    tokenizer = models.load_tokenizer(checkpoint)
+    model = models.load_model(checkpoint, "sft", torch.float32, "cpu")
+    rows, _ = data.load_rows(options["dataset"], "train")
+    name = run.manifest["modules"][-1]["name"]
+    module = dict(model.named_modules())[name]
+    projection = layer_projection(42, Layer(name, *module.weight.shape, 0), ["2x3"], "cpu")
+    left, right = (f.double() for f in projection.widest_factors())
+    out_sum, in_sum, tokens = np.zeros((2, 2)), np.zeros((3, 3)), 0
+    seen = {}
+    taps = gradients.LinearTaps(
+        [(name, module)], lambda n, x: seen.update(x=x), lambda n, d: seen.update(d=d)
+    )
+    for entry in run.manifest["examples"]:
+        ex = data.tokenize(tokenizer, rows[entry["index"]], entry["index"], "sft", 40)
+        with taps:
+            gradients.embedding_gradients(model, [ex], True)
+        u = (seen["d"][0].double() @ left).numpy()
+        v = (seen["x"][0].double() @ right).numpy()
+        out_sum += u.T @ u
+        in_sum += v.T @ v
+        tokens += ex.length
+    for ours, reference in ((s_out[-1], out_sum / tokens), (s_in[-1], in_sum / tokens)):
+        assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max()
+
+
+def test_kfac_is_refused_for_other_runs(tmp_path, capsys):
+    train = golden_run(tmp_path, "params_rademacher_32", "train")
+    argv = ["--train", str(train), "--test", str(train), "--output", str(tmp_path / "s"),
+            "--precondition", "kfac"]  # fmt: skip
+    line = user_error_line(main, argv, capsys)
+    assert "kfac needs a params run projected by kronecker" in line
