@@ -70,20 +70,20 @@ def score(train, test, output: Path, **options) -> float:
     return timed(influence.score_influence, cfg)[1]
 
 
-def costs(train: Path, factor_path: Path) -> dict:
+def costs(train: Path, factor_path: Path, kind: str) -> dict:
     """One-off factorization seconds and bytes; whitening seconds per train example."""
     run = store.Run(train)
     if factor_path.is_file():
         factor_path.unlink()  # time it from scratch
-    factorization, seconds = timed(curvature.compute_gram, run, "cpu")
+    compute = curvature.compute_kfac if kind == "kfac" else curvature.compute_gram
+    factorization, seconds = timed(compute, run, "cpu")
     curvature.save(factorization, factor_path)
-    whiten = curvature.Whitener(factorization, 1.0, "cpu")
+    whiten = curvature.make_whitener(factorization, 1.0, "cpu")
     _, vectors = run.load_matrix()
     _, whiten_seconds = timed(whiten, vectors.double())
     return {
         "factorization_s": seconds,
         "factorization_mib": whiten.nbytes / 2**20,
-        "rank": factorization.eigenvalues.shape[1],
         "blocks": factorization.blocks.count,
         "k": factorization.blocks.k,
         "whiten_ms_per_example": 1e3 * whiten_seconds / len(vectors),
@@ -168,22 +168,27 @@ def main() -> None:
             print(f"{variant}: no train and test run, skipped", file=sys.stderr)
             continue
         some_runs = runs
-        factor = args.out / "curvature" / f"{variant}.safetensors"
-        settings = [("none", None)] + [("gram", float(d)) for d in args.dampings.split(",")]
         ragged = store.Run(runs[0]).stored_rows()[0]  # full embedding gradients: plain only
-        if ragged:
-            settings = settings[:1]
-        if not args.skip_scoring:
+        kinds = [] if ragged else ["gram"] + (["kfac"] if "kronecker" in variant else [])
+        settings = [("none", None)] + [
+            (kind, float(d)) for kind in kinds for d in args.dampings.split(",")
+        ]
+        for kind in kinds if not args.skip_scoring else []:
+            factor = args.out / "curvature" / f"{variant}_{kind}.safetensors"
             factor.parent.mkdir(parents=True, exist_ok=True)
-            cost = {"variant": variant} | ({} if ragged else costs(runs[0], factor))
+            cost_rows.append({"variant": variant, "kind": kind} | costs(runs[0], factor, kind))
+            print(json.dumps(cost_rows[-1]), flush=True)
         for kind, damping in settings:
-            name = variant if kind == "none" else f"{variant}_gram_{damping:g}"
+            name = variant if kind == "none" else f"{variant}_{kind}_{damping:g}"
             out = args.out / "scores" / name
             if not args.skip_scoring:
+                factor = args.out / "curvature" / f"{variant}_{kind}.safetensors"
                 extra = {} if kind == "none" else {
                     "precondition": kind, "damping": damping, "curvature": str(factor)
                 }  # fmt: skip
-                cost[f"score_s_{kind}_{damping}"] = score(*runs, out, **extra)
+                seconds = score(*runs, out, **extra)
+                cost_rows.append({"variant": variant, "kind": f"score {kind} {damping}",
+                                  "score_s": seconds})  # fmt: skip
             sd = scoredir.load_score_dir(out)
             for function, matrix in sd.scores.items():
                 row = {"variant": variant, "precondition": kind, "damping": damping,
@@ -192,15 +197,12 @@ def main() -> None:
                     row |= lds(truth, matrix, sd.train_ids, sd.test_ids)
                 table.append(row)
                 print(json.dumps(row), flush=True)
-        if not args.skip_scoring:
-            cost_rows.append(cost)
-            print(json.dumps(cost), flush=True)
     if truth is not None and some_runs is not None:
         table += baselines(truth, *some_runs)
     args.out.mkdir(parents=True, exist_ok=True)
     if cost_rows and (args.out / "costs.csv").is_file():  # keep the other variants' rows
         with open(args.out / "costs.csv", newline="") as f:
-            done = {r["variant"] for r in cost_rows}
+            done = {r["variant"] for r in cost_rows}  # (older rows without "kind": gram)
             cost_rows = [r for r in csv.DictReader(f) if r["variant"] not in done] + cost_rows
     for name, rows in (("scores.csv", table), ("costs.csv", cost_rows)):
         if rows:
