@@ -219,6 +219,8 @@ def compute_kfac(run: store.Run, device: str) -> Curvature:
 
 
 def _factor_sums(run: store.Run, device: str, k_out: int, k_in: int):
+    from tqdm import tqdm
+
     from gradproj import data, gradients, models  # the model: only kfac needs it
     from gradproj.targets.params import Layer, layer_projection
 
@@ -255,13 +257,15 @@ def _factor_sums(run: store.Run, device: str, k_out: int, k_in: int):
 
     tokens = 0
     causal, pad_id = options["paradigm"] != "mlm", tokenizer.pad_token_id or 0
-    with gradients.LinearTaps(modules, on_input, on_output_grad):
+    progress = tqdm(total=len(examples), desc="kfac factors", unit="ex")
+    with gradients.LinearTaps(modules, on_input, on_output_grad), progress:
         for batch in data.batches_by_tokens(examples, options["batch_tokens"]):
             lengths = torch.tensor([ex.length for ex in batch], device=device)
             longest = int(lengths.max())
             valid["mask"] = torch.arange(longest, device=device)[None, :] < lengths[:, None]
             gradients.embedding_gradients(model, batch, causal, pad_id)
             tokens += int(lengths.sum())
+            progress.update(len(batch))
     return sums, tokens
 
 
