@@ -189,6 +189,9 @@ def main() -> None:
                 seconds = score(*runs, out, **extra)
                 cost_rows.append({"variant": variant, "kind": f"score {kind} {damping}",
                                   "score_s": seconds})  # fmt: skip
+            if not (out / scoredir.SCORES_FILE).is_file():
+                print(f"{out}: not scored (yet), left out", file=sys.stderr)
+                continue
             sd = scoredir.load_score_dir(out)
             for function, matrix in sd.scores.items():
                 row = {"variant": variant, "precondition": kind, "damping": damping,
