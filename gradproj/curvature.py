@@ -9,6 +9,11 @@ example), kept as its eigendecomposition `G = V diag(s) V^T`. Scoring whitens bo
 `g_test^T (G + lambda I)^-1 g_train` and, normalised, TrackStar's cosine (whiten, then
 normalise).
 
+`kfac` (params kronecker runs): per module, `S_out (x) S_in` in place of G, the covariances of
+the projected output gradients and layer inputs over every token of the run's examples; the
+stored vectors do not hold these, so they are collected by reading the model once more
+(`compute_kfac`), and whitened exactly through the two factors' eigenbases (`KfacWhitener`).
+
 The eigendecomposition does not depend on the damping, so one factorization per train run serves
 every damping. It is computed once and stored (docs/formats.md, "Curvature file"); a later
 scoring reads it back after checking that it belongs to the train run it scores. The sums are
