@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--ground_truth", type=Path, help="a retrain file, or its .parts dir")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--dampings", default="1.0")
+    parser.add_argument("--kinds", default="gram,kfac", help="preconditioners to measure")
     parser.add_argument("--skip_scoring", action="store_true", help="reuse --out's scores")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -170,6 +171,7 @@ def main() -> None:
         some_runs = runs
         ragged = store.Run(runs[0]).stored_rows()[0]  # full embedding gradients: plain only
         kinds = [] if ragged else ["gram"] + (["kfac"] if "kronecker" in variant else [])
+        kinds = [k for k in kinds if k in args.kinds.split(",")]
         settings = [("none", None)] + [
             (kind, float(d)) for kind in kinds for d in args.dampings.split(",")
         ]
