@@ -155,6 +155,19 @@ SCORE_OPTIONS = {
         help="working memory budget in GiB (default: half the available host memory on CPU, "
         "80%% of the free memory on CUDA)"
     ),
+    "precondition": dict(
+        choices=["none", "gram", "kfac"],
+        help="curvature correction: none (plain dot and cosine), gram (whiten both sides by "
+        "(G + lambda I)^-1/2, G the train run's second moment, per module for params kronecker "
+        "runs) or kfac (params kronecker runs: per module, the Kronecker product of the "
+        "projected input and output-gradient covariances; reads the model once more); see "
+        "docs/scoring.md",
+    ),
+    "damping": dict(help="lambda as a multiple of each block's mean eigenvalue of G"),
+    "curvature": dict(
+        help="the factorization file: read if it exists (it must be the train run's), else "
+        "computed and written there (default: <train run>/curvature/<precondition>.safetensors)"
+    ),
 }
 
 COMPARE_OPTIONS = {

@@ -31,11 +31,14 @@ from pathlib import Path
 
 import torch
 
-from gradproj import scoredir, store
+from gradproj import curvature, scoredir, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.scoredir import FUNCTIONS
 
 FUNC_CHOICES = (*FUNCTIONS, "both")
+PRECONDITIONERS = ("none", *curvature.KINDS)
+# Options recorded in summary.json only when preconditioning: plain scorings keep their bytes.
+PRECONDITION_OPTIONS = ("precondition", "damping", "curvature")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 COMPUTE = torch.float64
 STORED_ZERO = "all-zero stored gradient"  # an exclusion found by scoring, not extraction
@@ -66,6 +69,9 @@ class ScoreConfig:
     dataset: str | None = None
     precision: str = "fp32"
     memory_gb: float | None = None
+    precondition: str = "none"
+    damping: float = curvature.DEFAULT_DAMPING
+    curvature: str | None = None
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +86,15 @@ class ScoreConfig:
             (not (self.output and self.where), "give --output or --where, not both"),
             (self.dataset is None or self.mapped, "--dataset is only used with --mapped"),
             (self.device.startswith(("cpu", "cuda")), f"--device {self.device!r}: use cpu, cuda"),
+            (
+                self.precondition in PRECONDITIONERS,
+                f"--precondition {self.precondition!r}: use {', '.join(PRECONDITIONERS)}",
+            ),
+            (self.damping > 0, "--damping must be positive (a multiple of the mean eigenvalue)"),
+            (
+                self.curvature is None or self.precondition != "none",
+                "--curvature is only used with --precondition",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -243,8 +258,10 @@ class Block:
         return len(self.ids)
 
 
-def dense_block(shard: store.Shard, device: str) -> Block:
+def dense_block(shard: store.Shard, device: str, transform=None) -> Block:
     vectors = shard.vectors.to(device).to(COMPUTE)  # widen on the device: half the transfer
+    if transform is not None:  # a preconditioner (curvature.Whitener): norms are the whitened
+        vectors = transform(vectors)
     norms = torch.linalg.vector_norm(vectors, dim=1)
     return Block(shard.ids, shard.index.tolist(), norms, dense=vectors)
 
@@ -318,8 +335,11 @@ class Scores:
 
 
 class Scorer:
-    def __init__(self, cfg: ScoreConfig, train: store.Run, test: store.Run, plan: Plan):
+    def __init__(
+        self, cfg: ScoreConfig, train: store.Run, test: store.Run, plan: Plan, transform=None
+    ):
         self.cfg, self.train, self.test, self.plan = cfg, train, test, plan
+        self.transform = transform  # applied to every block of both sides, or None
         self.layout = stored_layout(train)
         self.full = self.layout.ragged
         self.positions, self.n_chunks = self._chunking()
@@ -338,7 +358,7 @@ class Scorer:
             lazy = role == "train"
             block = ragged_block(shard, self.cfg.device, self.positions, self.n_chunks, lazy)
         else:
-            block = dense_block(shard, self.cfg.device)
+            block = dense_block(shard, self.cfg.device, self.transform)
         bad = torch.nonzero(~torch.isfinite(block.norms)).flatten().tolist()
         if bad:
             raise UserError(
@@ -456,6 +476,8 @@ def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
     if projection and projection["type"] != "rademacher":
         # the original layout names the dim only; other types must not overwrite rademacher's
         dim = f"{projection['type']}_{dim}"
+    if cfg.precondition != "none":  # never overwrite the plain scores of the same runs
+        dim += f"_{cfg.precondition}"
     where = cfg.where or f"{dataset_label(train.manifest)}__{dataset_label(test.manifest)}"
     return Path("explainability") / dim / where / cfg.func
 
@@ -515,7 +537,10 @@ def manifest_summary(run: store.Run) -> dict:
     }
 
 
-def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
+def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan, whitening=None) -> dict:
+    options = asdict(cfg)
+    if cfg.precondition == "none":
+        options = {k: v for k, v in options.items() if k not in PRECONDITION_OPTIONS}
     return {
         "functions": list(cfg.functions),
         "precision": cfg.precision,
@@ -529,12 +554,12 @@ def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
         "test_ids": scores.test_ids,
         "per_test": per_test_stats(scores),
         "blocks": scores.blocks | {"memory_budget_bytes": plan.budget_bytes},
-        "options": asdict(cfg),
+        "options": options,
         "train_run": str(train.path.resolve()),
         "test_run": str(test.path.resolve()),
         "train_manifest": manifest_summary(train),
         "test_manifest": manifest_summary(test),
-    }
+    } | ({"preconditioner": whitening} if whitening else {})
 
 
 # --- Mapped JSON: the original study's per-test-example files ---
@@ -596,6 +621,38 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
             )
 
 
+def preconditioner(cfg: ScoreConfig, train: store.Run) -> tuple[curvature.Whitener, dict]:
+    """The Whitener of `--precondition` (its stored factorization, else computed and stored),
+    and its entry in summary.json."""
+    path = Path(cfg.curvature or curvature.default_path(train.path, cfg.precondition))
+    factorization = curvature.load_or_compute(cfg.precondition, train, path, cfg.device)
+    whitener = curvature.make_whitener(factorization, cfg.damping, cfg.device)
+    return whitener, {
+        "kind": cfg.precondition,
+        "damping": cfg.damping,
+        "lambda": "damping x the block's mean eigenvalue",
+        "curvature_file": str(path.resolve()),
+        "curvature_sha256": store.file_sha256(path),
+        "blocks": factorization.blocks.count,
+        "block_dim": factorization.blocks.k,
+        "bytes": whitener.nbytes,
+    }
+
+
+def reserve(plan: Plan, nbytes: int) -> Plan:
+    """The plan with `nbytes` (the whitening's eigenvectors) taken from its budget, or a
+    UserError."""
+    if nbytes > plan.budget_bytes // 2:
+        raise UserError(
+            f"the preconditioner's matrices need {nbytes / 2**30:.3g} GiB, more than half the "
+            f"{plan.budget_bytes / 2**30:.3g} GiB memory budget; raise --memory_gb"
+        )
+    share = (plan.budget_bytes - nbytes) / plan.budget_bytes
+    # a whitened block is a second fp64 copy: halve the blocks once more
+    return Plan(plan.budget_bytes, max(1, int(plan.test_bytes * share / 2)),
+                max(1, int(plan.train_bytes * share / 2)))  # fmt: skip
+
+
 def score_influence(cfg: ScoreConfig) -> Path:
     """Score the runs, write the score directory (replacing it whole), return its path."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
@@ -605,7 +662,11 @@ def score_influence(cfg: ScoreConfig) -> Path:
     with scoredir.exclusive_output(out):  # before the compute: a second writer fails at once
         scoredir.check_replaceable(out)
         plan = plan_memory(cfg, train, test)
-        scores = Scorer(cfg, train, test, plan).run()
+        whitener = whitening = None
+        if cfg.precondition != "none":
+            plan = reserve(plan, curvature.factorization_bytes(train, cfg.precondition))
+            whitener, whitening = preconditioner(cfg, train)
+        scores = Scorer(cfg, train, test, plan, whitener).run()
         warn_excluded(scores.excluded)
 
         def build(folder: Path) -> None:
@@ -614,7 +675,7 @@ def score_influence(cfg: ScoreConfig) -> Path:
             positions = topk_positions(scores, cfg.top_k)
             lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
             scoredir.write_topk(folder, lines)
-            scoredir.write_summary(folder, summary(cfg, scores, train, test, plan))
+            scoredir.write_summary(folder, summary(cfg, scores, train, test, plan, whitening))
             if cfg.mapped:
                 write_mapped(folder, cfg, scores, train)
 
