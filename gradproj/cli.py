@@ -264,6 +264,7 @@ QUERY_OPTIONS = {
     "dataset": dict(help="the train run's dataset, for the texts (default: its manifest's)"),
     "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
     "memory_gb": dict(help="scoring memory budget in GiB (default: as gradproj score)"),
+    **{name: SCORE_OPTIONS[name] for name in ("precondition", "damping", "curvature")},
 }
 
 ORIGINAL_OPTIONS = {

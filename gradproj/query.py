@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj import data, influence, models, store
+from gradproj import curvature, data, influence, models, store
 from gradproj.errors import UserError
 
 FORMATS = ("table", "json")
@@ -45,6 +45,9 @@ class QueryConfig:
     dataset: str | None = None
     device: str | None = None
     memory_gb: float | None = None
+    precondition: str = "none"
+    damping: float = curvature.DEFAULT_DAMPING
+    curvature: str | None = None
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +230,8 @@ def check_explainable(queries: store.Run) -> None:
 def score_config(cfg: QueryConfig, train: store.Run, queries: store.Run):
     return influence.ScoreConfig(
         train=str(train.path), test=str(queries.path), func=cfg.func, top_k=cfg.top_k,
-        device=cfg.device, memory_gb=cfg.memory_gb,
+        device=cfg.device, memory_gb=cfg.memory_gb, precondition=cfg.precondition,
+        damping=cfg.damping, curvature=cfg.curvature,
     )  # fmt: skip
 
 
@@ -235,7 +239,12 @@ def score_queries(cfg: QueryConfig, train: store.Run, queries: store.Run) -> inf
     influence.check_compatible(train, queries)
     score_cfg = score_config(cfg, train, queries)
     plan = influence.plan_memory(score_cfg, train, queries)
-    scores = influence.Scorer(score_cfg, train, queries, plan).run()
+    whitener = None  # the same preconditioning as `gradproj score --precondition`
+    if cfg.precondition != "none":
+        nbytes = curvature.factorization_bytes(train, cfg.precondition)
+        plan = influence.reserve(plan, nbytes)
+        whitener, _ = influence.preconditioner(score_cfg, train)
+    scores = influence.Scorer(score_cfg, train, queries, plan, whitener).run()
     influence.warn_excluded({"train": scores.excluded["train"]})
     return scores
 

@@ -129,4 +129,4 @@ def test_a_model_no_longer_reachable_is_refused(tiny_study, tmp_path, capsys):
     (train / "manifest.json").write_text(json.dumps(manifest))
     argv = ["query", "--train", str(train), "--prompt", "a", "--response", "b"]
     line = user_error_line(main, argv, capsys)
-    assert f"cannot load the tokenizer '{tmp_path / 'deleted_model'}'" in line
+    assert f"model '{tmp_path / 'deleted_model'}': no such directory" in line
