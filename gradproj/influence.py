@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj import scoredir, store
+from gradproj import __version__, scoredir, store
 from gradproj.errors import UserError
 from gradproj.scoredir import FUNCTIONS
 
@@ -513,7 +513,42 @@ def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan) -> dict:
         "test_run": str(test.path.resolve()),
         "train_manifest": manifest_summary(train),
         "test_manifest": manifest_summary(test),
+        "versions": {"gradproj": __version__},
     }
+
+
+# Options that change what a scoring writes; the rest (where it goes, the device, the memory
+# budget, which sets only the block sizes) do not.
+SCORING_OPTIONS = ("func", "mapped", "top_k", "dataset", "precision")
+
+
+def scoring_inputs(summary: dict) -> dict:
+    """What a score directory's content depends on: the runs (their manifests' checksums, which
+    cover every shard's), the options that change the output, the gradproj that scored."""
+    return {
+        "runs": [summary.get("train_run"), summary.get("test_run")],
+        "manifests": [
+            (summary.get(role) or {}).get("manifest_sha256")
+            for role in ("train_manifest", "test_manifest")
+        ],
+        "options": {key: (summary.get("options") or {}).get(key) for key in SCORING_OPTIONS},
+        "gradproj": (summary.get("versions") or {}).get("gradproj"),
+    }
+
+
+def up_to_date(out: Path, cfg: ScoreConfig, train: store.Run, test: store.Run) -> bool:
+    """Whether `out` holds a scoring of these runs, as they are now, with these options."""
+    if not (out / scoredir.SCORES_FILE).is_file() or not scoredir.is_score_dir(out):
+        return False
+    wanted = {
+        "train_run": str(train.path.resolve()),
+        "test_run": str(test.path.resolve()),
+        "train_manifest": manifest_summary(train),
+        "test_manifest": manifest_summary(test),
+        "options": asdict(cfg),
+        "versions": {"gradproj": __version__},
+    }
+    return scoring_inputs(scoredir.read_summary(out)) == scoring_inputs(wanted)
 
 
 # --- Mapped JSON: the original study's per-test-example files ---
@@ -576,11 +611,16 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
 
 
 def score_influence(cfg: ScoreConfig) -> Path:
-    """Score the runs, write the score directory (replacing it whole), return its path."""
+    """Score the runs, write the score directory (replacing it whole), return its path. A
+    directory that already holds this scoring of the runs as they are now is kept: scores are
+    deterministic, so rescoring would write the same bytes."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
     scoredir.check_replaceable(out)
+    if up_to_date(out, cfg, train, test):
+        print(f"{out}: up to date (same runs, options and gradproj); kept", file=sys.stderr)
+        return out
     plan = plan_memory(cfg, train, test)
     scores = Scorer(cfg, train, test, plan).run()
     warn_excluded(scores.excluded)

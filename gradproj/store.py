@@ -250,7 +250,7 @@ class Run:
         if not manifest.is_file():
             raise UserError(
                 f"{self.path} is not a gradient run (no {MANIFEST}); "
-                "pass a directory written by extract_gradients.py"
+                "pass a directory written by gradproj extract (extract_gradients.py)"
             )
         try:
             self.manifest = json.loads(manifest.read_text())
