@@ -1,9 +1,11 @@
 """gradproj.analysis: each metric and statistic against an independent reference."""
 
+import dataclasses
 import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -25,6 +27,7 @@ from gradproj.analysis import (
     spearman_rho,
     top_k_overlap,
 )
+from gradproj.analysis import compare as compare_module
 from gradproj.analysis.original import GradientPair
 from gradproj.errors import UserError
 from gradproj.projection import make_projection
@@ -355,8 +358,8 @@ def write_full_run(path, ids, rows, max_seq_length):
     return path
 
 
-def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
-    """The ablation's `none` row recomputes the candidates' projection from the full runs."""
+def emulation_config(tmp_path, **options) -> CompareConfig:
+    """Full runs of ragged random gradients, their full and projected score directories."""
     rng = torch.Generator().manual_seed(15)
     shape = (6, 8)
     train = [torch.randn(int(n), 8, generator=rng) for n in torch.randint(1, 7, (30,))]
@@ -384,19 +387,21 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
         )
         for k in (16, 32)
     ]
-    comparison = compare_projections(
-        CompareConfig(
-            full,
-            candidates,
-            tmp_path / "out",
-            reference_run=train_run,
-            test_run=test_run,
-            emulate_original=True,
-            top_ks=(10,),
-            n_permutations=20,
-            n_bootstrap=50,
-        )
+    options = dict(top_ks=(10,), n_permutations=20, n_bootstrap=50) | options
+    return CompareConfig(
+        full,
+        candidates,
+        tmp_path / "out",
+        reference_run=train_run,
+        test_run=test_run,
+        emulate_original=True,
+        **options,
     )
+
+
+def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
+    """The ablation's `none` row recomputes the candidates' projection from the full runs."""
+    comparison = compare_projections(emulation_config(tmp_path))
     none = comparison.ablation[comparison.ablation.variant == "none"]
     measured = comparison.summary[
         (comparison.summary.metric == "kendall_tau")
@@ -406,6 +411,27 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     np.testing.assert_allclose(merged.kendall_median, merged["median"], atol=1e-6)
     assert "exact_original" in (tmp_path / "out" / "report.md").read_text()
     assert "original_curves.png" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_emulation_is_reused_until_an_input_changes(tmp_path, monkeypatch):
+    emulate = compare_module.ablation_table
+    calls = []
+    monkeypatch.setattr(
+        compare_module, "ablation_table", lambda *args: calls.append(args) or emulate(*args)
+    )
+    config = emulation_config(tmp_path)
+    first = compare_projections(config).ablation
+    report = (tmp_path / "out" / "report.md").read_text()
+    again = compare_projections(config).ablation
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(again, first)
+    assert (tmp_path / "out" / "report.md").read_text() == report
+    compare_projections(dataclasses.replace(config, n_bootstrap=60))  # an option changed
+    assert len(calls) == 2
+    manifest = tmp_path / "test_run" / "manifest.json"  # a run changed
+    manifest.write_text(manifest.read_text().replace('"synthetic"', '"synthetic "', 1))
+    compare_projections(dataclasses.replace(config, n_bootstrap=60))
+    assert len(calls) == 3
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):
