@@ -263,9 +263,13 @@ class Emulation:
         rows = pair.train_rows if split == "train" else pair.test_rows
         return self._cached(("dense", fp16_model, split), lambda: pair.dense(rows))
 
+    @staticmethod
+    def _rounded_input(steps: OriginalSteps) -> bool:
+        return steps.fp16_projection_input and not steps.fp16_model  # fp16 input: a no-op
+
     def _projections(self, steps: OriginalSteps, split: str) -> dict[int, torch.Tensor]:
         # Projecting is the expensive part: once per input; the missing scale is a factor.
-        rounded = steps.fp16_projection_input and not steps.fp16_model  # fp16 input: no-op
+        rounded = self._rounded_input(steps)
         pair = self.sources[steps.fp16_model]
         rows = pair.train_rows if split == "train" else pair.test_rows
         scaled = self._cached(
@@ -287,12 +291,19 @@ class Emulation:
         return self._cached((*key, steps.fp16_full_scores), compute)
 
     def candidate_scores(self, steps: OriginalSteps, function: str) -> dict[int, np.ndarray]:
-        test, train = self._projections(steps, "test"), self._projections(steps, "train")
-        scores = {}
-        for dim in sorted(test):
-            vectors = with_zero_gradient(train[dim]) if steps.zero_gradient else train[dim]
-            scores[dim] = projected_scores(test[dim], vectors, function, steps)
-        return scores
+        def compute():
+            test, train = self._projections(steps, "test"), self._projections(steps, "train")
+            scores = {}
+            for dim in sorted(test):
+                vectors = with_zero_gradient(train[dim]) if steps.zero_gradient else train[dim]
+                scores[dim] = projected_scores(test[dim], vectors, function, steps)
+            return scores
+
+        # the steps the candidate side reads; variants differing elsewhere share its scores
+        # (the elementwise fp32 scoring is the emulation's slowest part after the fp16 one)
+        key = ("candidate", function, steps.fp16_model, self._rounded_input(steps))
+        key += (steps.unscaled_projection, steps.zero_gradient, steps.fp32_projected_scores)
+        return self._cached(key, compute)
 
 
 def run_ablation(
