@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -102,13 +103,21 @@ def agreement_vs_dim(summary: pd.DataFrame, theory: pd.DataFrame, metric: str, p
         predicted = theory[theory.function == function].sort_values("dim") if len(theory) else []
         if len(predicted):
             ax.plot(predicted.dim, predicted.predicted_median, "k--", label="JL prediction")
-        ax.set_xscale("log")
+        _dim_ticks(ax, sorted(set(data.dim)))
         ax.set_title(function)
         ax.set_xlabel("projection dim k")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
     axes[0, 0].set_ylabel(f"median {metric_label(metric)}")
+    fig.suptitle(f"Median {metric_label(metric)} against the reference, by projection dim")
     return _save(fig, path)
+
+
+def _dim_ticks(ax, dims: list[int]) -> None:
+    """A log axis ticked at the measured dims, labelled as numbers (not 2 x 10^1)."""
+    ax.set_xscale("log")
+    ax.set_xticks(dims, [dim_label(d) for d in dims])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kendall_tau") -> Path:
@@ -135,6 +144,7 @@ def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kenda
         ax.set_title(f"{label} (median {per_test.median():.3f})", fontsize="medium")
         ax.set_xlabel(metric_label(metric))
         ax.set_ylabel("test examples")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         # every panel its own axes: shared axes hide inner tick labels, and a hidden panel
         # below would leave a column without any
         ax.tick_params(labelbottom=True, labelleft=True)
@@ -184,7 +194,9 @@ def original_curves(ablation: pd.DataFrame, path: Path) -> Path:
             ax.set_title(f"{function}, {proj_type}")
             ax.set_xlabel("projection dim k")
             ax.grid(alpha=0.3)
-            ax.legend(loc="lower right", fontsize="x-small")
+            # below its panel: the panels' curves coincide differently, and inside it the
+            # legend hid a published star
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="x-small")
         axes[row, 0].set_ylabel("median Kendall's tau vs full")
     fig.suptitle("The original's curves, reproduced (emulated pipeline on this model)")
     return _save(fig, path)
@@ -234,13 +246,15 @@ def _published_stars(ax, function: str, measured_dims: pd.Series) -> None:
             f"{value:.2f} at {dim_label(k)}",
             (k, value),
             textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
+            xytext=(-9, 0),
+            ha="right",
+            va="center",
             fontsize="x-small",
             color="r",
         )
     if outside:
-        ax.axvspan(low, high, color="0.9", zorder=0)
+        ax.axvspan(low, high, color="0.9", zorder=0, label="dims measured here")
+    ax.margins(y=0.1)
 
 
 def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
@@ -273,7 +287,7 @@ def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
     handles = [_dot(f"C{FUNCTION_ORDER.index(f)}", f) for f in shown]
     if (~table.function.isin(FUNCTION_ORDER)).any():
         handles.append(_dot("C2", "no score function (bm25, random)"))
-    axes[1].legend(handles=handles, loc="lower right", fontsize="small")
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
     fig.suptitle(f"Finding each test example's source ({int(table.n_test.iloc[0])} test examples)")
     return _save(fig, path)
 

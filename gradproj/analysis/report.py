@@ -179,11 +179,11 @@ def artifact_summary(comparison) -> str | None:
     drop = pivot["none"] - pivot["exact_original"]
     function, proj_type, dim = drop.idxmax()
     none, exact = pivot.loc[(function, proj_type, dim), ["none", "exact_original"]]
-    where = f"{function} at {proj_type} {dim_text(dim)}"
+    where = f"{function} at {proj_type} {dim_text(dim)} dims"
     if drop.max() <= ARTIFACT_DROP:
         return (
             f"The original's artifact is absent: its emulated pipeline agrees within "
-            f"{ARTIFACT_DROP} of this project's everywhere (largest drop {where})."
+            f"{ARTIFACT_DROP} of this project's everywhere (largest drop: {where})."
         )
     return (
         f"The original's artifact is present in its emulated pipeline: {where} falls from "
