@@ -311,6 +311,34 @@ def test_report_and_figures_from_synthetic_score_dirs(tmp_path, score_dirs):
     assert all(f"]({p.name})" in report for p in comparison.figures)
 
 
+def test_report_opens_with_a_summary_naming_the_excluded_examples(tmp_path, score_dirs):
+    full, candidates = score_dirs
+    summary = json.loads((full / "summary.json").read_text())
+    reason = "no label token within max_seq_length=256"
+    summary["excluded"] = {
+        "train": [{"id": f"gone{i}", "index": 50 + i, "reason": reason} for i in range(2)],
+        "test": [],
+    }
+    (full / "summary.json").write_text(json.dumps(summary))
+    config = CompareConfig(
+        full, candidates, tmp_path / "out", top_ks=(10,), n_permutations=20, n_bootstrap=50
+    )
+    comparison = compare_projections(config)
+    report = (tmp_path / "out" / "report.md").read_text()
+    opening = report.split("## Summary\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    assert 1 <= len(opening) <= 10
+    assert any(f"2 train example(s) for {reason} (gone0, gone1)" in line for line in opening)
+    # the agreement line is written from the numbers of the table below it
+    measured = comparison.summary[
+        (comparison.summary.comparison == "reference")
+        & (comparison.summary.metric == "kendall_tau")
+        & (comparison.summary.function == "dot")
+    ].sort_values("dim")
+    cells = zip(measured["median"], measured.dim, strict=True)
+    values = ", ".join(f"{m:.2f} at {d:,}" for m, d in cells)
+    assert any(f"dot (rademacher) {values}" in line for line in opening)
+
+
 def test_measured_agreement_is_close_to_the_jl_prediction(tmp_path, score_dirs):
     full, candidates = score_dirs
     comparison = compare_projections(
