@@ -380,11 +380,14 @@ def run_score(args: argparse.Namespace) -> int:
     from gradproj import influence, scoredir
 
     began = time.time()
-    out = influence.score_influence(influence.ScoreConfig(**vars(args)))
+    out, written = influence.score_influence(influence.ScoreConfig(**vars(args)))
     counts = scoredir.read_summary(out)["counts"]
     excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))
     note = f"; not scored: {excluded} example(s), listed in summary.json" if excluded else ""
-    print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)
+    if written:
+        print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)
+    else:
+        print(f"{out} is up to date (same runs, options and gradproj): kept{note}", file=sys.stderr)
     return 0
 
 

@@ -610,17 +610,16 @@ def warn_excluded(excluded: dict[str, list[dict]]) -> None:
             )
 
 
-def score_influence(cfg: ScoreConfig) -> Path:
-    """Score the runs, write the score directory (replacing it whole), return its path. A
-    directory that already holds this scoring of the runs as they are now is kept: scores are
-    deterministic, so rescoring would write the same bytes."""
+def score_influence(cfg: ScoreConfig) -> tuple[Path, bool]:
+    """Score the runs, write the score directory (replacing it whole); return its path and
+    whether it was written. A directory that already holds this scoring of the runs as they are
+    now is kept: scores are deterministic, so rescoring would write the same bytes."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     out = output_dir(cfg, train, test)
     scoredir.check_replaceable(out)
     if up_to_date(out, cfg, train, test):
-        print(f"{out}: up to date (same runs, options and gradproj); kept", file=sys.stderr)
-        return out
+        return out, False
     plan = plan_memory(cfg, train, test)
     scores = Scorer(cfg, train, test, plan).run()
     warn_excluded(scores.excluded)
@@ -636,4 +635,4 @@ def score_influence(cfg: ScoreConfig) -> Path:
             write_mapped(folder, cfg, scores, train)
 
     scoredir.replace_dir(out, build)
-    return out
+    return out, True
