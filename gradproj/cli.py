@@ -410,9 +410,35 @@ def _verify_one(path: Path) -> int:
         return 1
     print(
         f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
-        f"gradient(s), {len(run.manifest['skipped'])} skipped"
+        f"gradient(s), {len(run.manifest['skipped'])} skipped{_coverage(run.manifest)}"
     )
     return 0
+
+
+def _coverage(manifest: dict) -> str:
+    """Which rows of its split a run holds, and how many it never read (`--limit`, a slice);
+    the split's size is known when its dataset is a local path from here."""
+    indices = [e["index"] for e in [*manifest["examples"], *manifest["skipped"]]]
+    if not indices:
+        return ""
+    first, last = min(indices), max(indices)
+    total = _split_rows(manifest.get("dataset"), manifest.get("split"))
+    limit = (manifest.get("options") or {}).get("limit")
+    text = f"; covers examples {first}-{last}" + (f" of {total}" if total else "")
+    text += f" of split {manifest.get('split')!r}" + (f" (--limit {limit})" if limit else "")
+    unread = total - (last - first + 1) if total else 0
+    return text + (f": the other {unread} were never read" if unread > 0 else "")
+
+
+def _split_rows(dataset: str | None, split: str | None) -> int | None:
+    from gradproj import data
+
+    if not dataset or not split or not Path(dataset).exists():
+        return None
+    try:
+        return len(data.load_rows(dataset, data.split_name(split))[0])
+    except Exception:  # unreadable here: the coverage is then said without the split's size
+        return None
 
 
 def merge_run(path: str) -> int:
@@ -445,11 +471,14 @@ def run_score(args: argparse.Namespace) -> int:
     from gradproj import influence, scoredir
 
     began = time.time()
-    out = influence.score_influence(influence.ScoreConfig(**vars(args)))
+    out, written = influence.score_influence(influence.ScoreConfig(**vars(args)))
     counts = scoredir.read_summary(out)["counts"]
     excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))
     note = f"; not scored: {excluded} example(s), listed in summary.json" if excluded else ""
-    print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)
+    if written:
+        print(f"scores written to {out} in {time.time() - began:.1f} s{note}", file=sys.stderr)
+    else:
+        print(f"{out} is up to date (same runs, options and gradproj): kept{note}", file=sys.stderr)
     return 0
 
 

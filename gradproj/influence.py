@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj import curvature, scoredir, store
+from gradproj import __version__, curvature, scoredir, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.scoredir import FUNCTIONS
 
@@ -559,7 +559,45 @@ def summary(cfg: ScoreConfig, scores: Scores, train, test, plan: Plan, whitening
         "test_run": str(test.path.resolve()),
         "train_manifest": manifest_summary(train),
         "test_manifest": manifest_summary(test),
+        "versions": {"gradproj": __version__},
     } | ({"preconditioner": whitening} if whitening else {})
+
+
+# Options that change what a scoring writes; the rest (where it goes, the device, the memory
+# budget, which sets only the block sizes) do not.
+SCORING_OPTIONS = ("func", "mapped", "top_k", "dataset", "precision")
+
+
+def scoring_inputs(summary: dict) -> dict:
+    """What a score directory's content depends on: the runs (their manifests' checksums, which
+    cover every shard's), the options that change the output, the gradproj that scored."""
+    return {
+        "runs": [summary.get("train_run"), summary.get("test_run")],
+        "manifests": [
+            (summary.get(role) or {}).get("manifest_sha256")
+            for role in ("train_manifest", "test_manifest")
+        ],
+        "options": {key: (summary.get("options") or {}).get(key) for key in SCORING_OPTIONS},
+        "gradproj": (summary.get("versions") or {}).get("gradproj"),
+    }
+
+
+def up_to_date(out: Path, cfg: ScoreConfig, train: store.Run, test: store.Run) -> bool:
+    """Whether `out` holds a scoring of these runs, as they are now, with these options.
+    Preconditioned scorings are always redone: they also depend on a factorization file."""
+    if cfg.precondition != "none":
+        return False
+    if not (out / scoredir.SCORES_FILE).is_file() or not scoredir.is_score_dir(out):
+        return False
+    wanted = {
+        "train_run": str(train.path.resolve()),
+        "test_run": str(test.path.resolve()),
+        "train_manifest": manifest_summary(train),
+        "test_manifest": manifest_summary(test),
+        "options": asdict(cfg),
+        "versions": {"gradproj": __version__},
+    }
+    return scoring_inputs(scoredir.read_summary(out)) == scoring_inputs(wanted)
 
 
 # --- Mapped JSON: the original study's per-test-example files ---
@@ -653,14 +691,18 @@ def reserve(plan: Plan, nbytes: int) -> Plan:
                 max(1, int(plan.train_bytes * share / 2)))  # fmt: skip
 
 
-def score_influence(cfg: ScoreConfig) -> Path:
-    """Score the runs, write the score directory (replacing it whole), return its path."""
+def score_influence(cfg: ScoreConfig) -> tuple[Path, bool]:
+    """Score the runs, write the score directory (replacing it whole); return its path and
+    whether it was written. A directory that already holds this scoring of the runs as they are
+    now is kept: scores are deterministic, so rescoring would write the same bytes."""
     train, test = open_run(cfg.train, "train"), open_run(cfg.test, "test")
     check_compatible(train, test)
     warn_truncation(train, test)
     out = output_dir(cfg, train, test)
     with scoredir.exclusive_output(out):  # before the compute: a second writer fails at once
         scoredir.check_replaceable(out)
+        if up_to_date(out, cfg, train, test):
+            return out, False
         plan = plan_memory(cfg, train, test)
         whitener = whitening = None
         if cfg.precondition != "none":
@@ -680,4 +722,4 @@ def score_influence(cfg: ScoreConfig) -> Path:
                 write_mapped(folder, cfg, scores, train)
 
         scoredir.replace_dir(out, build)
-    return out
+    return out, True

@@ -118,8 +118,9 @@ def check_replaceable(out: Path) -> None:
         raise UserError(f"--output {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not is_score_dir(out):
         raise UserError(
-            f"--output {out} holds files that are not score_influence.py's output, and scoring "
-            "replaces the directory whole; give a new or empty directory"
+            f"--output {out} holds files that are not the output of gradproj score "
+            "(score_influence.py), and scoring replaces the directory whole; give a new or empty "
+            "directory"
         )
 
 
@@ -297,7 +298,7 @@ def load_score_dir(path: str | Path) -> ScoreDir:
         if not required.is_file():
             raise UserError(
                 f"{path} is not a score directory (no {required.name}); "
-                "pass a directory written by score_influence.py"
+                "pass a directory written by gradproj score (score_influence.py)"
             )
     summary = read_summary(path)
     with safe_open(str(scores_path), framework="np") as f:
@@ -344,5 +345,5 @@ def _check_scores(score_dir: ScoreDir, name: str, matrix: np.ndarray) -> None:
 
 def _json_list(metadata: dict, key: str, path: Path) -> list[str]:
     if key not in metadata:
-        raise UserError(f"{path} has no '{key}' metadata; rescore with score_influence.py")
+        raise UserError(f"{path} has no '{key}' metadata; rescore with gradproj score")
     return [str(x) for x in metadata[key]]

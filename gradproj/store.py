@@ -356,7 +356,7 @@ class Run:
         if problem is not None and problem.startswith("has no"):
             raise UserError(
                 f"{self.path} is not a gradient run (no {MANIFEST}); "
-                "pass a directory written by extract_gradients.py"
+                "pass a directory written by gradproj extract (extract_gradients.py)"
             )
         if problem is not None:
             raise UserError(f"{self.path} {problem}, and no shards; rerun the extraction")

@@ -1,9 +1,11 @@
 """gradproj.analysis: each metric and statistic against an independent reference."""
 
+import dataclasses
 import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -25,6 +27,7 @@ from gradproj.analysis import (
     spearman_rho,
     top_k_overlap,
 )
+from gradproj.analysis import compare as compare_module
 from gradproj.analysis.original import GradientPair
 from gradproj.errors import UserError
 from gradproj.projection import make_projection
@@ -308,6 +311,34 @@ def test_report_and_figures_from_synthetic_score_dirs(tmp_path, score_dirs):
     assert all(f"]({p.name})" in report for p in comparison.figures)
 
 
+def test_report_opens_with_a_summary_naming_the_excluded_examples(tmp_path, score_dirs):
+    full, candidates = score_dirs
+    summary = json.loads((full / "summary.json").read_text())
+    reason = "no label token within max_seq_length=256"
+    summary["excluded"] = {
+        "train": [{"id": f"gone{i}", "index": 50 + i, "reason": reason} for i in range(2)],
+        "test": [],
+    }
+    (full / "summary.json").write_text(json.dumps(summary))
+    config = CompareConfig(
+        full, candidates, tmp_path / "out", top_ks=(10,), n_permutations=20, n_bootstrap=50
+    )
+    comparison = compare_projections(config)
+    report = (tmp_path / "out" / "report.md").read_text()
+    opening = report.split("## Summary\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    assert 1 <= len(opening) <= 10
+    assert any(f"2 train example(s) for {reason} (gone0, gone1)" in line for line in opening)
+    # the agreement line is written from the numbers of the table below it
+    measured = comparison.summary[
+        (comparison.summary.comparison == "reference")
+        & (comparison.summary.metric == "kendall_tau")
+        & (comparison.summary.function == "dot")
+    ].sort_values("dim")
+    cells = zip(measured["median"], measured.dim, strict=True)
+    values = ", ".join(f"{m:.2f} at {d:,}" for m, d in cells)
+    assert any(f"dot (rademacher) {values}" in line for line in opening)
+
+
 def test_measured_agreement_is_close_to_the_jl_prediction(tmp_path, score_dirs):
     full, candidates = score_dirs
     comparison = compare_projections(
@@ -355,8 +386,8 @@ def write_full_run(path, ids, rows, max_seq_length):
     return path
 
 
-def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
-    """The ablation's `none` row recomputes the candidates' projection from the full runs."""
+def emulation_config(tmp_path, **options) -> CompareConfig:
+    """Full runs of ragged random gradients, their full and projected score directories."""
     rng = torch.Generator().manual_seed(15)
     shape = (6, 8)
     train = [torch.randn(int(n), 8, generator=rng) for n in torch.randint(1, 7, (30,))]
@@ -384,19 +415,21 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
         )
         for k in (16, 32)
     ]
-    comparison = compare_projections(
-        CompareConfig(
-            full,
-            candidates,
-            tmp_path / "out",
-            reference_run=train_run,
-            test_run=test_run,
-            emulate_original=True,
-            top_ks=(10,),
-            n_permutations=20,
-            n_bootstrap=50,
-        )
+    options = dict(top_ks=(10,), n_permutations=20, n_bootstrap=50) | options
+    return CompareConfig(
+        full,
+        candidates,
+        tmp_path / "out",
+        reference_run=train_run,
+        test_run=test_run,
+        emulate_original=True,
+        **options,
     )
+
+
+def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
+    """The ablation's `none` row recomputes the candidates' projection from the full runs."""
+    comparison = compare_projections(emulation_config(tmp_path))
     none = comparison.ablation[comparison.ablation.variant == "none"]
     measured = comparison.summary[
         (comparison.summary.metric == "kendall_tau")
@@ -406,6 +439,27 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     np.testing.assert_allclose(merged.kendall_median, merged["median"], atol=1e-6)
     assert "exact_original" in (tmp_path / "out" / "report.md").read_text()
     assert "original_curves.png" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_emulation_is_reused_until_an_input_changes(tmp_path, monkeypatch):
+    emulate = compare_module.ablation_table
+    calls = []
+    monkeypatch.setattr(
+        compare_module, "ablation_table", lambda *args: calls.append(args) or emulate(*args)
+    )
+    config = emulation_config(tmp_path)
+    first = compare_projections(config).ablation
+    report = (tmp_path / "out" / "report.md").read_text()
+    again = compare_projections(config).ablation
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(again, first)
+    assert (tmp_path / "out" / "report.md").read_text() == report
+    compare_projections(dataclasses.replace(config, n_bootstrap=60))  # an option changed
+    assert len(calls) == 2
+    manifest = tmp_path / "test_run" / "manifest.json"  # a run changed
+    manifest.write_text(manifest.read_text().replace('"synthetic"', '"synthetic "', 1))
+    compare_projections(dataclasses.replace(config, n_bootstrap=60))
+    assert len(calls) == 3
 
 
 def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):
@@ -427,3 +481,40 @@ def test_cli_turns_bad_input_into_exit_code_2(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "not a score directory" in capsys.readouterr().err
+
+
+def test_summary_lines_name_the_best_method_and_the_artifact_from_the_tables():
+    from types import SimpleNamespace
+
+    from gradproj.analysis.report import artifact_summary, retrieval_summary
+
+    retrieval = pd.DataFrame(
+        [
+            {"method": "full", "function": "dot", "n_test": 54, "top1": 10 / 54, "mrr": 0.27},
+            {"method": "full", "function": "cosine", "n_test": 54, "top1": 13 / 54, "mrr": 0.32},
+            {"method": "hidden", "function": "cosine", "n_test": 54, "top1": 1.0, "mrr": 1.0},
+            {"method": "bm25", "function": "bm25", "n_test": 54, "top1": 1.0, "mrr": 0.99},
+        ]
+    )
+    ablation = pd.DataFrame(
+        [
+            {"variant": v, "function": f, "projection_type": "rademacher", "dim": d,
+             "kendall_median": k}
+            for v, f, d, k in [
+                ("none", "cosine", 512, 0.28), ("exact_original", "cosine", 512, 0.16),
+                ("none", "cosine", 4096, 0.58), ("exact_original", "cosine", 4096, 0.32),
+                ("none", "dot", 4096, 0.57), ("exact_original", "dot", 4096, 0.57),
+            ]
+        ]
+    )  # fmt: skip
+    comparison = SimpleNamespace(retrieval=retrieval, ablation=ablation)
+    assert retrieval_summary(comparison) == (
+        "Finds each test example's source best: hidden (cosine), first for 54 of 54 (MRR 1.00); "
+        "full (dot): 10 of 54; full (cosine): 13 of 54."
+    )
+    assert artifact_summary(comparison).startswith(
+        "The original's artifact is present in its emulated pipeline: cosine at rademacher 4,096 "
+        "dims falls from 0.58 (this project) to 0.32"
+    )
+    comparison.ablation = ablation.assign(kendall_median=0.5)
+    assert artifact_summary(comparison).startswith("The original's artifact is absent")

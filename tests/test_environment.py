@@ -248,8 +248,9 @@ def test_scoring_into_a_directory_of_other_files_is_refused(projected_run, tmp_p
     code, err = cli(score_main, argv, capsys)
     assert code == 2
     assert err.splitlines()[-1] == (
-        f"error: --output {out} holds files that are not score_influence.py's output, and "
-        "scoring replaces the directory whole; give a new or empty directory"
+        f"error: --output {out} holds files that are not the output of gradproj score "
+        "(score_influence.py), and scoring replaces the directory whole; give a new or empty "
+        "directory"
     )
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 

@@ -96,6 +96,21 @@ def test_corrupt_shard_is_detected_and_recomputed(tiny_llama, sft_file, tmp_path
     assert shard.read_bytes() == good
 
 
+def test_verify_says_what_part_of_the_split_a_run_covers(tiny_llama, sft_file, tmp_path, capsys):
+    extract(tiny_llama, sft_file, tmp_path / "part", "--limit", "5")
+    extract(tiny_llama, sft_file, tmp_path / "whole")
+    capsys.readouterr()
+    for name, expected in (
+        (
+            "part",
+            "covers examples 0-4 of 13 of split 'train' (--limit 5): the other 8 were never read",
+        ),
+        ("whole", "covers examples 0-12 of 13 of split 'train'"),
+    ):
+        assert main(["--verify", str(tmp_path / name)]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(expected), name
+
+
 def test_store_mean_equals_mean_of_stored_vectors(tiny_llama, sft_file, tmp_path):
     args = ("--random_projection", "--proj_dim", "full,16")
     extract(tiny_llama, sft_file, tmp_path, *args)

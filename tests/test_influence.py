@@ -165,6 +165,30 @@ def test_tiny_memory_budget_gives_the_scores_of_one_block(real_runs, variant, tm
         assert torch.equal(whole[name], streamed[name]), name
 
 
+def test_unchanged_inputs_keep_the_scores_and_a_changed_input_or_option_rescores(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(5)
+    train = synthetic_run(tmp_path / "train", list(torch.randn(5, 8, generator=gen)))
+    test = synthetic_run(tmp_path / "test", list(torch.randn(2, 8, generator=gen)))
+    out = score(train, test, tmp_path / "s", "--top_k", "3")
+    scores_file = out / "scores.safetensors"
+
+    def rescored(*extra) -> bool:
+        before = scores_file.stat().st_ino
+        capsys.readouterr()
+        score(train, test, out, *extra)
+        kept = "up to date" in capsys.readouterr().err
+        assert kept == (scores_file.stat().st_ino == before)  # kept means not rewritten
+        return not kept
+
+    assert not rescored("--top_k", "3")
+    assert not rescored("--top_k", "3", "--memory_gb", "1e-6")  # block sizes: same scores
+    assert rescored("--top_k", "4")
+    assert rescored("--top_k", "4", "--func", "dot")
+    synthetic_run(tmp_path / "test", list(torch.randn(2, 8, generator=gen)))  # new gradients
+    assert rescored("--top_k", "4", "--func", "dot")
+    assert not rescored("--top_k", "4", "--func", "dot")
+
+
 # --- Outputs ---
 
 

@@ -174,6 +174,21 @@ def test_ablation_without_steps_reproduces_the_direct_projection():
     np.testing.assert_allclose(rows[0].kendall, expected, rtol=1e-12)
 
 
+def test_shared_computations_give_each_variant_what_it_gives_alone():
+    """The emulation computes each side once and shares it between variants: its keys must name
+    every step a side reads, so each variant's row equals that of a run of it alone."""
+    pair = gradient_pair(70, 3, seed=17)
+    project = fake_projector(16, 32)
+    together = run_ablation(pair, project, "rademacher")
+    for name, steps in ablation_variants().items():
+        alone = run_ablation(pair, project, "rademacher", variants={name: steps})
+        mine = [r for r in together if r.variant == name]
+        assert len(mine) == len(alone)
+        for a, b in zip(mine, alone, strict=True):
+            np.testing.assert_array_equal(a.kendall, b.kendall, err_msg=name)
+            assert (a.nan_scores, a.candidate_score_std) == (b.nan_scores, b.candidate_score_std)
+
+
 def test_exact_original_is_the_original_pipeline_step_by_step():
     """exact_original against a literal transcription of the original: fp16 gradients; full side
     .half(), zero row at 570/1000, explain.py's loop; projected side TRAK (fp16 input, ±1 matrix,

@@ -1,5 +1,7 @@
 """compare_projections: how much projection changes the ranking of train examples."""
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,6 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from gradproj import __version__, store
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
 from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
@@ -326,6 +329,47 @@ def ablation_table(
     return table
 
 
+# Beside ablation.csv: what it was computed from. A comparison into the same --output with the
+# same inputs reads ablation.csv back instead of emulating again (minutes for the demo).
+ABLATION_TABLE, ABLATION_INPUTS = "ablation.csv", "ablation_inputs.json"
+
+
+def ablation_inputs(reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig):
+    """Everything the ablation table depends on: the full runs' and fp16 runs' manifests (whose
+    checksums cover every shard), the ids, functions, projections and the statistics' options."""
+    runs = [*resolve_runs(config, reference), *(config.fp16_runs or ())]
+    ids = json.dumps([reference.train_ids, reference.test_ids]).encode()
+    return {
+        "gradproj": __version__,
+        "runs": [str(Path(r).resolve()) for r in runs if r],
+        "manifests": [_manifest_sha256(r) for r in runs if r],
+        "ids_sha256": hashlib.sha256(ids).hexdigest(),
+        "functions": list(reference.scores),
+        "projections": [[*key, dims] for key, dims in projection_groups(candidates).items()],
+        "n_bootstrap": config.n_bootstrap,
+        "seed": config.seed,
+        "device": config.device,
+    }
+
+
+def _manifest_sha256(run: Path) -> str | None:
+    manifest = Path(run) / store.MANIFEST
+    return store.file_sha256(manifest) if manifest.is_file() else None
+
+
+def cached_ablation(
+    reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig, inputs: dict
+) -> pd.DataFrame:
+    """The ablation table, read back from --output when it was computed from these inputs."""
+    table, stamp = config.output / ABLATION_TABLE, config.output / ABLATION_INPUTS
+    try:
+        if json.loads(stamp.read_text()) == inputs:
+            return pd.read_csv(table)
+    except (OSError, ValueError):
+        pass
+    return ablation_table(reference, candidates, config)
+
+
 def projection_groups(candidates: list[ScoreDir]) -> dict[tuple[str, int], list[int]]:
     groups: dict[tuple[str, int], list[int]] = {}
     for cand in candidates:
@@ -408,9 +452,12 @@ def compare_projections(config: CompareConfig) -> Comparison:
         )
         theory = step("JL prediction", jl_theory, reference, candidates, config, notes)
         dispersion = step("score dispersion", score_dispersion, [reference, *candidates])
-        ablation = None
+        ablation, inputs = None, None
         if config.emulate_original:
-            ablation = step("emulating the original", ablation_table, reference, candidates, config)
+            inputs = ablation_inputs(reference, candidates, config)
+            ablation = step(
+                "emulating the original", cached_ablation, reference, candidates, config, inputs
+            )
         comparison = Comparison(
             reference=reference,
             candidates=candidates,
@@ -425,7 +472,12 @@ def compare_projections(config: CompareConfig) -> Comparison:
             lds=lds,
             notes=notes,
         )
+        # the stamp goes before ablation.csv is rewritten and comes back after: it never vouches
+        # for a table another process left half-written or that other inputs wrote
+        (config.output / ABLATION_INPUTS).unlink(missing_ok=True)
         step("tables, figures, report", write_outputs, comparison, config.output)
+        if inputs is not None:
+            store.atomic_write_json(config.output / ABLATION_INPUTS, inputs)
     comparison.explanations = explanations_page(comparison, config)
     return comparison
 

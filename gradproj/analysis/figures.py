@@ -1,12 +1,14 @@
 """PNG figures of the comparison (matplotlib, Agg backend: no display needed)."""
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -52,7 +54,8 @@ def violin_grid(metrics: pd.DataFrame, metric: str, path: Path) -> Path:
             axes[row, col].set_title(f"{function}, {proj_type}")
             axes[row, col].set_xlabel("projection dim k")
         axes[row, 0].set_ylabel(metric_label(metric))
-    fig.suptitle(f"{metric_label(metric)} against the reference, per test example")
+    # two short lines: one line is wider than a one-column figure and was cut off at both edges
+    fig.suptitle(f"{metric_label(metric)} against the reference\nper test example")
     return _save(fig, path)
 
 
@@ -100,13 +103,21 @@ def agreement_vs_dim(summary: pd.DataFrame, theory: pd.DataFrame, metric: str, p
         predicted = theory[theory.function == function].sort_values("dim") if len(theory) else []
         if len(predicted):
             ax.plot(predicted.dim, predicted.predicted_median, "k--", label="JL prediction")
-        ax.set_xscale("log")
+        _dim_ticks(ax, sorted(set(data.dim)))
         ax.set_title(function)
         ax.set_xlabel("projection dim k")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
     axes[0, 0].set_ylabel(f"median {metric_label(metric)}")
+    fig.suptitle(f"Median {metric_label(metric)} against the reference, by projection dim")
     return _save(fig, path)
+
+
+def _dim_ticks(ax, dims: list[int]) -> None:
+    """A log axis ticked at the measured dims, labelled as numbers (not 2 x 10^1)."""
+    ax.set_xscale("log")
+    ax.set_xticks(dims, [dim_label(d) for d in dims])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kendall_tau") -> Path:
@@ -133,6 +144,7 @@ def dot_cosine_histogram(metrics: pd.DataFrame, path: Path, metric: str = "kenda
         ax.set_title(f"{label} (median {per_test.median():.3f})", fontsize="medium")
         ax.set_xlabel(metric_label(metric))
         ax.set_ylabel("test examples")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         # every panel its own axes: shared axes hide inner tick labels, and a hidden panel
         # below would leave a column without any
         ax.tick_params(labelbottom=True, labelleft=True)
@@ -149,14 +161,15 @@ ORIGINAL_PUBLISHED = {"cosine": {8192: 0.46, 2_048_000: 0.58}, "dot": {8192: 0.9
 
 def original_curves(ablation: pd.DataFrame, path: Path) -> Path:
     """Median Kendall tau vs k per emulated variant (none, exact_original, each step alone),
-    beside the original's published medians: "the original's curves, reproduced"."""
+    beside the original's published medians: "the original's curves, reproduced". Variants whose
+    curves coincide are drawn once, under one legend entry naming them all."""
     shown = ablation[~ablation.variant.str.startswith("exact_original_without_")]
     functions = [f for f in FUNCTION_ORDER if f in set(shown.function)]
     types = sorted(set(shown.projection_type))
     fig, axes = plt.subplots(
         len(types),
         len(functions),
-        figsize=(6.2 * len(functions), 4.2 * len(types)),
+        figsize=(5.6 * len(functions), 4.2 * len(types)),
         squeeze=False,
         sharey=True,
         constrained_layout=True,
@@ -165,36 +178,83 @@ def original_curves(ablation: pd.DataFrame, path: Path) -> Path:
         for col, function in enumerate(functions):
             ax = axes[row, col]
             cell = shown[(shown.function == function) & (shown.projection_type == proj_type)]
-            for i, (variant, line) in enumerate(cell.groupby("variant", sort=False)):
-                line = line.sort_values("dim")
-                bold = variant in ("none", "exact_original")
-                wide = variant == "nan_mechanism"  # drawn wide: it may lie under exact_original
+            for i, (names, line) in enumerate(coinciding_curves(cell)):
+                bold = {"none", "exact_original"} & set(names)
                 ax.plot(
                     line.dim,
                     line.kendall_median,
                     marker="o",
-                    lw=7 if wide else 2.5 if bold else 1,
-                    alpha=0.4 if wide else 1,
-                    ls="-" if bold or wide else "--",
-                    color="k" if variant == "exact_original" else f"C{i % 10}",
-                    label=variant,
+                    lw=2.5 if bold else 1.2,
+                    ls="-" if bold else "--",
+                    color="k" if "exact_original" in names else f"C{i % 10}",
+                    label=curve_label(names),
                 )
-            published = ORIGINAL_PUBLISHED[function]
-            ax.plot(
-                list(published),
-                list(published.values()),
-                "r*",
-                markersize=14,
-                label="original, published (OLMo-2-7B)",
-            )
+            _published_stars(ax, function, cell.dim)
             ax.set_xscale("log")
             ax.set_title(f"{function}, {proj_type}")
             ax.set_xlabel("projection dim k")
             ax.grid(alpha=0.3)
+            # below its panel: the panels' curves coincide differently, and inside it the
+            # legend hid a published star
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="x-small")
         axes[row, 0].set_ylabel("median Kendall's tau vs full")
-    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.suptitle("The original's curves, reproduced (emulated pipeline on this model)")
     return _save(fig, path)
+
+
+CURVE_TOLERANCE = 0.005  # medians closer than this at every dim cannot be told apart on the plot
+
+
+def coinciding_curves(cell: pd.DataFrame) -> list[tuple[list[str], pd.DataFrame]]:
+    """The variants' curves, those within CURVE_TOLERANCE of each other at every dim as one."""
+    groups: list[tuple[list[str], pd.DataFrame]] = []
+    for variant, line in cell.groupby("variant", sort=False):
+        line = line.sort_values("dim")
+        for names, first in groups:
+            same_dims = list(first.dim) == list(line.dim)
+            difference = np.abs(first.kendall_median.to_numpy() - line.kendall_median.to_numpy())
+            if same_dims and np.all(difference < CURVE_TOLERANCE):
+                names.append(variant)
+                break
+        else:
+            groups.append(([variant], line))
+    return groups
+
+
+def curve_label(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return textwrap.fill(f"{', '.join(names)} (coinciding)", 44)
+
+
+def _published_stars(ax, function: str, measured_dims: pd.Series) -> None:
+    """The original's published medians, at their dims; a note where those lie outside the
+    dims measured here (the original's model was OLMo-2-7B, this one is far smaller)."""
+    published = ORIGINAL_PUBLISHED[function]
+    low, high = measured_dims.min(), measured_dims.max()
+    outside = [k for k in published if not low <= k <= high]
+    note = " (beyond the dims measured here)" if outside else ""
+    ax.plot(
+        list(published),
+        list(published.values()),
+        "r*",
+        markersize=12,
+        label=f"original, published (OLMo-2-7B){note}",
+    )
+    for k, value in published.items():
+        ax.annotate(
+            f"{value:.2f} at {dim_label(k)}",
+            (k, value),
+            textcoords="offset points",
+            xytext=(-9, 0),
+            ha="right",
+            va="center",
+            fontsize="x-small",
+            color="r",
+        )
+    if outside:
+        ax.axvspan(low, high, color="0.9", zorder=0, label="dims measured here")
+    ax.margins(y=0.1)
 
 
 def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
@@ -205,9 +265,11 @@ def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(
         1, 2, figsize=(10, 0.32 * len(table) + 1.4), sharey=True, constrained_layout=True
     )
-    for ax, (stat, title) in zip(
-        axes, (("top1", "source ranked first"), ("mrr", "MRR")), strict=True
-    ):
+    panels = (
+        ("top1", "source ranked first", "share of test examples [95% CI]"),
+        ("mrr", "MRR", "mean reciprocal rank of the source [95% CI]"),
+    )
+    for ax, (stat, title, xlabel) in zip(axes, panels, strict=True):
         err = np.vstack(
             [table[stat] - table[f"{stat}_ci_low"], table[f"{stat}_ci_high"] - table[stat]]
         )
@@ -218,10 +280,20 @@ def retrieval_intervals(table: pd.DataFrame, path: Path) -> Path:
         ax.scatter(table[stat], y, c=colors, zorder=3)
         ax.set_xlim(-0.02, 1.02)
         ax.set_title(title)
+        ax.set_xlabel(xlabel)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels, fontsize="small")
+    shown = [f for f in FUNCTION_ORDER if f in set(table.function)]
+    handles = [_dot(f"C{FUNCTION_ORDER.index(f)}", f) for f in shown]
+    if (~table.function.isin(FUNCTION_ORDER)).any():
+        handles.append(_dot("C2", "no score function (bm25, random)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
     fig.suptitle(f"Finding each test example's source ({int(table.n_test.iloc[0])} test examples)")
     return _save(fig, path)
+
+
+def _dot(color: str, label: str):
+    return plt.Line2D([], [], marker="o", ls="", color=color, label=label)
 
 
 def _save(fig, path: Path) -> Path:

@@ -71,16 +71,23 @@ def render_report(comparison) -> str:
         "tables give the median over test examples with a 95% bootstrap CI. Definitions: "
         "docs/analysis.md of gradproj.\n",
         *[f"- {note}" for note in comparison.notes],
+        opening_summary(comparison),
         "\n## Agreement with the reference\n",
+        "How closely each projection's ranking of the train examples follows the reference's, "
+        "per score function and dim.\n",
         headline_table(comparison.summary),
         metric_definitions(comparison.summary),
         *figure_links(comparison.figures, "violin_"),
         *figure_links(comparison.figures, "agreement_vs_dim"),
         "\n## Consecutive dims: permutation test of the difference of medians\n",
+        "Whether a larger dim agrees with the reference significantly better than the next "
+        "smaller one.\n",
         "`median_difference`: median Kendall's tau at `dim_high` minus at `dim_low`; `p_value`: "
         "two-sided, the two dims' values pooled and reshuffled `n_permutations` times.\n",
         markdown_table(kendall_only(comparison.permutation_tests)),
         "\n## Johnson-Lindenstrauss prediction vs measurement (Kendall's tau)\n",
+        "Whether the measured agreement is what a random projection's noise alone predicts; a "
+        "shortfall points at a numerical problem.\n",
         "`predicted_median`: the median Kendall's tau expected from the noise of a dense "
         "projection at that dim alone (scores plus normal noise of the JL size, ranked again); "
         "`flagged`: the measured median lies more than the flag margin below it, its CI "
@@ -92,11 +99,15 @@ def render_report(comparison) -> str:
         markdown_table(dot_vs_cosine_table(comparison.summary)),
         *figure_links(comparison.figures, "dot_vs_cosine"),
         "\n## Score dispersion (mean over test examples of the std of train scores)\n",
+        "How spread out each directory's scores are: a projection keeps the dot products' scale, "
+        "and cosines stay within [-1, 1].\n",
         markdown_table(dispersion_table(comparison.dispersion)),
     ]
     if comparison.ablation is not None:
         parts += [
             "\n## Emulated original pipeline: ablation (median Kendall's tau)\n",
+            "Which of the original study's steps, alone or together, lower the agreement of its "
+            "projected rankings with its full-gradient ranking.\n",
             ABLATION_NOTE,
             markdown_table(ablation_pivot(comparison.ablation)),
             *figure_links(comparison.figures, "original_curves"),
@@ -107,6 +118,8 @@ def render_report(comparison) -> str:
     if comparison.retrieval is not None:
         parts += [
             "\n## Retrieval of each test example's known source\n",
+            "Which method ranks each test example's known source first: a ground truth, unlike "
+            "agreement with the reference.\n",
             RETRIEVAL_NOTE,
             markdown_table(retrieval_cells(comparison.retrieval)),
             *figure_links(comparison.figures, "retrieval"),
@@ -141,6 +154,145 @@ def lds_cells(table: pd.DataFrame) -> pd.DataFrame:
         f"{r.lds:.3f} [{r.lds_ci_low:.3f}, {r.lds_ci_high:.3f}]" for r in table.itertuples()
     ]
     return cells
+
+
+# --- The opening summary: one short line per finding, each written from the numbers ---
+
+
+def opening_summary(comparison) -> str:
+    """At most SUMMARY_LINES lines; each function of SUMMARY gives one, or None when its data is
+    missing. A new finding is a new function appended to SUMMARY."""
+    lines = [line for make in SUMMARY for line in [make(comparison)] if line]
+    return "\n## Summary\n\n" + "".join(f"- {line}\n" for line in lines[:SUMMARY_LINES])
+
+
+SUMMARY_LINES = 10
+
+
+def agreement_summary(comparison) -> str | None:
+    """Median Kendall's tau per function and dim, and the first dim reaching 0.9."""
+    data = comparison.summary
+    data = data[(data.comparison == "reference") & (data.metric == "kendall_tau")]
+    if data.empty:
+        return None
+    parts = []
+    for (function, proj_type), rows in data.groupby(["function", "projection_type"], sort=False):
+        rows = rows.sort_values("dim")
+        values = ", ".join(f"{r['median']:.2f} at {dim_text(r.dim)}" for _, r in rows.iterrows())
+        high = rows[rows["median"] >= AGREEING]
+        reached = f"; {AGREEING} first at {dim_text(high.dim.iloc[0])}" if len(high) else ""
+        parts.append(f"{function} ({proj_type}) {values}{reached}")
+    return "Agreement with the reference (median Kendall's tau): " + "; ".join(parts) + "."
+
+
+AGREEING = 0.9  # a median Kendall's tau the summary calls close agreement
+
+
+def theory_summary(comparison) -> str | None:
+    table = comparison.theory_vs_measured
+    if table.empty:
+        return None
+    flagged = table[table.flagged]
+    if flagged.empty:
+        return "Every projection agrees as well as the JL prediction says it should."
+    names = ", ".join(f"{r.candidate} ({r.function})" for r in flagged.itertuples())
+    return f"Far below the JL prediction, a likely numerical problem: {names}."
+
+
+def artifact_summary(comparison) -> str | None:
+    """Whether the emulated original pipeline lowers cosine agreement (the original's artifact)."""
+    ablation = comparison.ablation
+    if ablation is None or ablation.empty:
+        return None
+    pivot = ablation.pivot_table(
+        index=["function", "projection_type", "dim"], columns="variant", values="kendall_median"
+    )
+    if not {"none", "exact_original"} <= set(pivot.columns):
+        return None
+    drop = pivot["none"] - pivot["exact_original"]
+    function, proj_type, dim = drop.idxmax()
+    none, exact = pivot.loc[(function, proj_type, dim), ["none", "exact_original"]]
+    where = f"{function} at {proj_type} {dim_text(dim)} dims"
+    if drop.max() <= ARTIFACT_DROP:
+        return (
+            f"The original's artifact is absent: its emulated pipeline agrees within "
+            f"{ARTIFACT_DROP} of this project's everywhere (largest drop: {where})."
+        )
+    return (
+        f"The original's artifact is present in its emulated pipeline: {where} falls from "
+        f"{none:.2f} (this project) to {exact:.2f} (every step of the original); this "
+        "project's own scores do not have it."
+    )
+
+
+ARTIFACT_DROP = 0.05  # a fall in median Kendall's tau larger than this is called an artifact
+
+
+def retrieval_summary(comparison) -> str | None:
+    """The method that most often ranks the source first (MRR breaks ties), and the reference."""
+    table = comparison.retrieval
+    if table is None or table.empty:
+        return None
+    best = table.sort_values(["top1", "mrr"], ascending=False, kind="stable").iloc[0]
+    n = int(best.n_test)
+    text = (
+        f"Finds each test example's source best: {method_text(best)}, first for "
+        f"{round(best.top1 * n)} of {n} (MRR {best.mrr:.2f})"
+    )
+    reference = table[table.method == table.method.iloc[0]]  # the reference directory comes first
+    for _, row in reference.iterrows():
+        if row.method != best.method or row.function != best.function:
+            text += f"; {method_text(row)}: {round(row.top1 * n)} of {n}"
+    return text + "."
+
+
+def method_text(row) -> str:
+    return row.method if row.function == row.method else f"{row.method} ({row.function})"
+
+
+def exclusions_summary(comparison) -> str:
+    """The examples the reference's scoring left out, by reason; none is said too."""
+    excluded = comparison.reference.summary.get("excluded") or {}
+    parts = []
+    for role in ("train", "test"):
+        items = excluded.get(role) or []
+        by_reason: dict[str, list[str]] = {}
+        for item in items:
+            by_reason.setdefault(item.get("reason", "skipped"), []).append(str(item["id"]))
+        for reason, ids in by_reason.items():
+            named = ", ".join(ids[:EXCLUDED_NAMED]) + (" ..." if len(ids) > EXCLUDED_NAMED else "")
+            parts.append(f"{len(ids)} {role} example(s) for {reason} ({named})")
+    if not parts:
+        return "No example was excluded: every train and test example is scored."
+    return "Excluded from every table: " + "; ".join(parts) + "."
+
+
+EXCLUDED_NAMED = 6
+
+
+def dim_text(dim) -> str:
+    return "full" if not dim else f"{int(dim):,}"
+
+
+def lds_summary(comparison) -> str | None:
+    """The method whose scores best predict the retrained losses (LDS), and the reference's."""
+    table = comparison.lds
+    if table is None or table.empty:
+        return None
+    best = table.sort_values("lds", ascending=False, kind="stable").iloc[0]
+    text = (
+        f"Explains best (LDS, the retrained ground truth): {method_text(best)}, "
+        f"{best.lds:.2f} [{best.lds_ci_low:.2f}, {best.lds_ci_high:.2f}]"
+    )
+    reference = table[table.method == table.method.iloc[0]]  # the reference directory comes first
+    for _, row in reference.iterrows():
+        if row.method != best.method or row.function != best.function:
+            text += f"; {method_text(row)}: {row.lds:.2f}"
+    return text + "."
+
+
+SUMMARY = [agreement_summary, theory_summary, artifact_summary, retrieval_summary, lds_summary,
+           exclusions_summary]  # fmt: skip
 
 
 RETRIEVAL_NOTE = (
