@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 from gradproj import curvature, influence, scoredir, store  # noqa: E402
 from gradproj.analysis.retrieval import (  # noqa: E402
     bm25_scores,
-    conversation_text,
     dataset_rows,
     find_sources,
     read_rows,
@@ -42,6 +41,7 @@ from gradproj.analysis.retrieval import (  # noqa: E402
     source_ranks,
 )
 from gradproj.analysis.stats import bootstrap_ci  # noqa: E402
+from gradproj.data import conversation_text  # noqa: E402
 
 VARIANTS = (
     "full", "params_kronecker_8x8", "params_kronecker_16x16", "params_kronecker_32x32",

@@ -170,6 +170,7 @@ def test_an_invalid_json_manifest_is_rebuilt_by_merge(made, tmp_path, capsys):
     assert out.splitlines()[0].endswith("rebuilding it from the metadata of its shards")
     assert out.splitlines()[-1] == (
         f"{made['run']}: complete: 3 shard(s), 9 gradient(s), 0 skipped"
+        "; covers examples 0-8 of 9 of split 'train'"
     )
     rebuilt = json.loads(manifest.read_text())
     original = json.loads(made["bytes"]["manifest.json"])
