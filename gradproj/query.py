@@ -63,6 +63,12 @@ class QueryConfig:
             ),
             (all(pair) or not any(pair), "--prompt and --response go together; give both"),
             (self.top_k >= 1, "--top_k must be at least 1"),
+            (
+                self.precondition in influence.PRECONDITIONERS,
+                f"--precondition {self.precondition!r}: use "
+                + ", ".join(influence.PRECONDITIONERS),
+            ),
+            (self.damping > 0, "--damping must be positive (a multiple of the mean eigenvalue)"),
             (self.format in FORMATS, f"--format {self.format!r}: use table or json"),
             (
                 self.func in influence.FUNC_CHOICES,

@@ -42,6 +42,30 @@ def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(tiny_study, var
             assert [e["rank"] for e in cons] == [9, 8, 7, 6]  # of 9 scored (2 skipped)
 
 
+def test_query_preconditioned_gives_the_scores_of_score_precondition_gram(tiny_study, tmp_path):
+    """--precondition applies to a query as to `gradproj score`: the same whitened scores."""
+    from gradproj.cli import score_main
+
+    queries = write_jsonl(tmp_path / "q.jsonl", tiny_study["test_rows"][1:3])
+    train = tiny_study["train", "rademacher_16"]
+    gram = tmp_path / "gram.safetensors"
+    cfg = QueryConfig(train=str(train), messages=str(queries), top_k=TOP_K,
+                      precondition="gram", curvature=str(gram))  # fmt: skip
+    results = run_query(cfg)
+    test_run = tiny_study["extract"](queries, tmp_path / "g")["rademacher_16"]
+    argv = ["--train", str(train), "--test", str(test_run), "--output", str(tmp_path / "s"),
+            "--top_k", str(TOP_K), "--precondition", "gram", "--curvature", str(gram)]  # fmt: skip
+    assert score_main(argv) == 0
+    plain = run_query(QueryConfig(train=str(train), messages=str(queries), top_k=TOP_K))
+    for result, unwhitened in zip(results, plain, strict=True):
+        expected = topk_of(tmp_path / "s", result["query_id"])
+        for name in ("dot", "cosine"):
+            pros = result[name]["proponents"]
+            assert [e["id"] for e in pros] == expected[name]["top_ids"]
+            assert [e[name] for e in pros] == expected[name]["top_scores"]
+        assert result["dot"] != unwhitened["dot"]  # the whitening changed something
+
+
 def test_json_output_round_trips_and_carries_the_train_texts(tiny_study, capsys):
     row = tiny_study["test_rows"][2]
     user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]

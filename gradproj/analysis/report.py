@@ -239,11 +239,18 @@ def retrieval_summary(comparison) -> str | None:
         f"Finds each test example's source best: {method_text(best)}, first for "
         f"{round(best.top1 * n)} of {n} (MRR {best.mrr:.2f})"
     )
-    reference = table[table.method == table.method.iloc[0]]  # the reference directory comes first
-    for _, row in reference.iterrows():
-        if row.method != best.method or row.function != best.function:
-            text += f"; {method_text(row)}: {round(row.top1 * n)} of {n}"
-    return text + "."
+    return text + reference_rows(table, best, lambda row: f"{round(row.top1 * n)} of {n}") + "."
+
+
+def reference_rows(table: pd.DataFrame, best, value) -> str:
+    """'; <method>: <value>' for each row of the reference directory (the table's first
+    method) other than `best`."""
+    reference = table[table.method == table.method.iloc[0]]
+    return "".join(
+        f"; {method_text(row)}: {value(row)}"
+        for _, row in reference.iterrows()
+        if (row.method, row.function) != (best.method, best.function)
+    )
 
 
 def method_text(row) -> str:
@@ -284,11 +291,7 @@ def lds_summary(comparison) -> str | None:
         f"Explains best (LDS, the retrained ground truth): {method_text(best)}, "
         f"{best.lds:.2f} [{best.lds_ci_low:.2f}, {best.lds_ci_high:.2f}]"
     )
-    reference = table[table.method == table.method.iloc[0]]  # the reference directory comes first
-    for _, row in reference.iterrows():
-        if row.method != best.method or row.function != best.function:
-            text += f"; {method_text(row)}: {row.lds:.2f}"
-    return text + "."
+    return text + reference_rows(table, best, lambda row: f"{row.lds:.2f}") + "."
 
 
 SUMMARY = [agreement_summary, theory_summary, artifact_summary, retrieval_summary, lds_summary,
