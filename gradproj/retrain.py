@@ -344,14 +344,24 @@ def check_existing(cfg: RetrainConfig) -> bool:
 
 
 def retrain(cfg: RetrainConfig) -> Path:
-    """Write the ground truth for `cfg` (resuming from its parts); returns its path."""
+    """Write the ground truth for `cfg` (resuming from its parts); returns its path. Runs with
+    `cfg.threads` torch threads and gives the caller back its own count (the thread count
+    changes the last bits of every later computation in the process)."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads)
+        return _retrain(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _retrain(cfg: RetrainConfig) -> Path:
     from gradproj import models
 
     cfg.validate()
     if check_existing(cfg):
         print(f"complete already, nothing to do: {cfg.output}", file=sys.stderr)
         return cfg.output
-    torch.set_num_threads(cfg.threads)
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
     tokenizer = models.load_tokenizer(checkpoint)
     train, train_skipped = read_examples(cfg, tokenizer, cfg.train_dataset, cfg.train_split)
