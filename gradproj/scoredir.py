@@ -26,6 +26,7 @@ import numpy as np
 from safetensors import safe_open
 
 from gradproj import __version__, store
+from gradproj.curvature import DEFAULT_DAMPING
 from gradproj.errors import Terminated, UserError
 
 if TYPE_CHECKING:
@@ -258,9 +259,29 @@ class ScoreDir:
         return math.prod(int(factor) for factor in str(self.projection["dim"]).split("x"))
 
     @property
+    def precondition(self) -> str:
+        """The scoring's preconditioner (`gram`, `kfac`), or `none`."""
+        return (self.summary.get("preconditioner") or {}).get("kind", "none")
+
+    @property
+    def damping(self) -> float | None:
+        return (self.summary.get("preconditioner") or {}).get("damping")
+
+    @property
+    def preconditioning(self) -> str:
+        """What a label adds for a preconditioned scoring: ` · gram`, with the damping when it
+        is not the default, so that scorings that differ in either never share a label."""
+        if self.precondition == "none":
+            return ""
+        damping = "" if self.damping == DEFAULT_DAMPING else f" damping {self.damping:g}"
+        return f" · {self.precondition}{damping}"
+
+    @property
     def label(self) -> str:
-        """Short name: `full` or `<type>_<dim>` (a kronecker one as written: `kronecker_16x16`)."""
-        return "full" if self.dim is None else f"{self.projection_type}_{self.projection['dim']}"
+        """Short name: `full` or `<type>_<dim>` (a kronecker one as written: `kronecker_16x16`),
+        then its preconditioning."""
+        variant = "full" if self.dim is None else f"{self.projection_type}_{self.projection['dim']}"
+        return variant + self.preconditioning
 
 
 def read_summary(path: str | Path) -> dict:

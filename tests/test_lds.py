@@ -146,3 +146,178 @@ def test_score_file_is_not_a_ground_truth(tiny_study, tmp_path, capsys):
     line = user_error_line(compare_main, compare(tiny_study, tmp_path, "--lds", str(scores_file)),
                            capsys)  # fmt: skip
     assert "its format is 'gradproj-scores/1'" in line
+
+
+# --- the best method against every other: lds_pairs.csv and the report's words ---
+
+
+def brute_force_pair(best: np.ndarray, other: np.ndarray, n_resamples: int, seed: int):
+    """Mean difference, percentile CI of test examples resampled one at a time, wins."""
+    both = np.isfinite(best) & np.isfinite(other)
+    difference = best[both] - other[both]
+    rng = np.random.default_rng(seed + 1000)  # another stream than the code's
+    means = [difference[rng.integers(0, difference.size, difference.size)].mean()
+             for _ in range(n_resamples)]  # fmt: skip
+    return difference.mean(), np.quantile(means, [0.025, 0.975]), int((difference > 0).sum())
+
+
+def test_pairs_match_a_brute_force_paired_bootstrap_and_the_word_follows_the_ci():
+    from types import SimpleNamespace
+
+    from gradproj.analysis.lds import lds_pairs
+    from gradproj.analysis.report import lds_summary, standing
+
+    rng = np.random.default_rng(3)
+    common = rng.normal(0.5, 0.2, size=60)
+    best = common + 0.1 + rng.normal(0, 0.05, size=60)  # ahead of `behind`, by a margin
+    noise = rng.normal(0, 0.1, size=60)
+    level = best + noise - noise.mean() - 0.005  # level: differs by noise alone
+    behind = common.copy()
+    behind[7] = np.nan  # undefined for one test example: left out of that pair only
+    per_test = [behind, best, level]
+    table = pd.DataFrame({"method": ["behind", "best", "level"], "function": ["dot"] * 3,
+                          "lds": [np.nanmean(v) for v in per_test], "precondition": "none",
+                          "damping": None, "lds_ci_low": 0.0, "lds_ci_high": 1.0})  # fmt: skip
+    assert table.lds.idxmax() == 1
+    pairs = lds_pairs(table, per_test, n_bootstrap=4000, seed=0).set_index("other")
+    assert list(pairs.index) == ["behind", "level"] and (pairs.best == "best").all()
+    for name, values in (("behind", behind), ("level", level)):
+        mean, (low, high), wins = brute_force_pair(best, values, 4000, 0)
+        row = pairs.loc[name]
+        assert row.difference == pytest.approx(mean, abs=1e-12)
+        assert row.wins == wins and row.n_test == np.isfinite(values).sum()
+        assert (row.ci_low, row.ci_high) == pytest.approx((low, high), abs=0.01)
+    assert pairs.loc["behind"].ci_low > 0 and standing(pairs.loc["behind"]) == "ahead of"
+    assert pairs.loc["level"].ci_low < 0 < pairs.loc["level"].ci_high
+    assert standing(pairs.loc["level"]) == "level with"
+    comparison = SimpleNamespace(lds=table, lds_pairs=pairs.reset_index())
+    summary = lds_summary(comparison)
+    assert "level with level (dot)" in summary and "ahead of behind (dot)" in summary
+
+
+def test_halves_are_the_lds_of_each_half_of_the_subsets():
+    from gradproj.analysis.lds import half_means
+
+    rng = np.random.default_rng(4)
+    masks, losses, effects = planted(rng, n_subsets=20, noise=2.0)
+    truth = GroundTruth(None, masks, losses, losses[0], [], [], {})
+    halves = half_means(truth, effects)
+    first = per_test_lds(masks[:10], losses[:10], effects)
+    second = per_test_lds(masks[10:], losses[10:], effects)
+    assert halves == pytest.approx({"lds_half1": first.mean(), "lds_half2": second.mean()})
+
+
+@pytest.fixture(scope="module")
+def gram_scores(tiny_study, tmp_path_factory):
+    """The tiny study's rademacher_16 runs scored again, whitened by their Gram."""
+    from gradproj.cli import score_main
+    from gradproj.scoredir import load_score_dir
+
+    plain = load_score_dir(tiny_study[3] / "rademacher_16")
+    out = tmp_path_factory.mktemp("gram") / "rademacher_16_gram"
+    argv = ["--train", plain.summary["train_run"], "--test", plain.summary["test_run"],
+            "--func", "both", "--output", str(out), "--precondition", "gram"]  # fmt: skip
+    assert score_main(argv) == 0
+    return out
+
+
+def test_a_gram_scoring_never_shares_the_label_of_the_plain_one(
+    tiny_study, tiny_truth, gram_scores, tmp_path
+):
+    from tests.test_explanations import embedded
+
+    argv = compare(tiny_study, tmp_path, "--retrieval_methods", str(gram_scores),
+                   "--lds", str(tiny_truth))  # fmt: skip
+    assert compare_main(argv) == 0
+    report = tmp_path / "report"
+    plain, gram = "embeddings rademacher_16", "embeddings rademacher_16 · gram"
+    for name in ("lds.csv", "retrieval.csv"):
+        table = pd.read_csv(report / name)
+        rows = table[table.method.str.startswith(plain)]
+        assert sorted(set(zip(rows.method, rows.precondition, strict=True))) == [
+            (plain, "none"),
+            (gram, "gram"),
+        ], name
+        assert (rows[rows.method == gram].damping == 1.0).all()
+        assert rows[rows.method == plain].damping.isna().all()
+    metrics = pd.read_csv(report / "metrics.csv")
+    assert {"precondition", "damping"} <= set(metrics.columns)
+    page = embedded((report / "explanations.html").read_text())
+    labels = [m["label"] for m in page["methods"]]
+    assert plain in labels and gram in labels
+    lds = pd.read_csv(report / "lds.csv")
+    best = [max(m["lds"].values()) for m in page["methods"]]
+    assert best == sorted(best, reverse=True)  # best first
+    first = page["methods"][0]["lds"]
+    assert first[page["function"]] == max(first.values())  # opens on the best's function
+    assert max(first.values()) == pytest.approx(lds[lds.method.isin(labels)].lds.max(), abs=1e-4)
+    pairs = pd.read_csv(report / "lds_pairs.csv")
+    assert len(pairs) == len(lds) - 1 and (pairs.best == lds.method[lds.lds.idxmax()]).all()
+
+
+# --- ground truths that cannot judge the scores: exit 2 before any output ---
+
+
+def rewritten(truth_path, tmp_path, change) -> str:
+    """A copy of the ground truth with `change(tensors, info)` applied."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from gradproj import store
+
+    with safe_open(str(truth_path), "pt") as f:
+        info = json.loads(f.metadata()[store.METADATA_KEY])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    change(tensors, info)
+    out = tmp_path / "changed.safetensors"
+    store.write_safetensors({k: torch.as_tensor(v) for k, v in tensors.items()}, out, info)
+    return str(out)
+
+
+def set_loss(value, where=(0, 1)):
+    def change(tensors, info):
+        tensors["losses"][where] = value
+
+    return change
+
+
+CHANGES = {
+    "max_seq_length": (lambda t, i: i["settings"].update(max_seq_length=99),
+                       "max_seq_length 99 vs 40"),
+    "checkpoint": (lambda t, i: i.update(checkpoint="other-model"), "checkpoint 'other-model'"),
+    "nan loss": (set_loss(float("nan")), "has loss nan after subset 0"),
+    "inf loss": (set_loss(float("inf")), "has loss inf after subset 0"),
+    "all nan": (set_loss(float("nan"), slice(None)), "has loss nan"),
+    "duplicate train id": (lambda t, i: i["train_ids"].__setitem__(1, i["train_ids"][0]),
+                           "lists train example 'ex_000' twice"),
+    "constant masks": (lambda t, i: t["masks"].copy_(t["masks"][:1].expand_as(t["masks"])),
+                       "has 1 distinct subset(s) of 6"),
+    "one subset": (lambda t, i: t.update(masks=t["masks"][:1], losses=t["losses"][:1]),
+                   "has 1 distinct subset(s) of 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CHANGES)
+def test_a_ground_truth_that_cannot_judge_is_exit_2_before_any_output(
+    tiny_study, tiny_truth, tmp_path, capsys, case
+):
+    change, expected = CHANGES[case]
+    bad = rewritten(tiny_truth, tmp_path, change)
+    line = user_error_line(compare_main, compare(tiny_study, tmp_path, "--lds", bad), capsys)
+    assert expected in line
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_lds_figure_draws_tables_without_dims_or_with_undefined_values(tmp_path):
+    from gradproj.analysis.figures import lds_figure
+
+    table = pd.DataFrame({"method": ["hidden state (mean)", "bm25"], "function": ["cosine", "bm25"],
+                          "n_test": [4, 4], "lds": [np.nan, 0.5], "lds_ci_low": [np.nan, 0.4],
+                          "lds_ci_high": [np.nan, 0.6], "target": ["hidden", "bm25"],
+                          "projection": ["full", None], "dim": [None, None],
+                          "precondition": ["none", "none"]})  # fmt: skip
+    assert lds_figure(table, tmp_path / "lds.png").is_file()
+    full = table.assign(target=["embeddings", "bm25"], lds=[0.1, 0.5])
+    assert lds_figure(full, tmp_path / "full.png").is_file()

@@ -90,6 +90,7 @@ class Comparison:
     ablation: pd.DataFrame | None = None
     retrieval: pd.DataFrame | None = None
     lds: pd.DataFrame | None = None
+    lds_pairs: pd.DataFrame | None = None  # the best method against every other
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     explanations: Path | None = None  # explanations.html, when the datasets could be read
@@ -122,6 +123,8 @@ def metric_rows(
                     "metric": metric,
                     "test_id": test_id,
                     "value": float(value),
+                    "precondition": label.precondition,
+                    "damping": label.damping,
                 }
             )
     return rows
@@ -406,15 +409,16 @@ def source_retrieval(
 
 def linear_datamodeling(
     reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig
-) -> pd.DataFrame:
-    """lds.csv: every score directory given (with --retrieval_methods), BM25 and random,
-    against the ground truth of --lds."""
-    from gradproj.analysis.lds import lds_table
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """lds.csv and lds_pairs.csv: every score directory given (with --retrieval_methods), BM25
+    and random, against the ground truth of --lds."""
+    from gradproj.analysis.lds import lds_methods, tables_of
     from gradproj.retrain import load_ground_truth
 
     truth = load_ground_truth(config.lds)
     others = [load_score_dir(path) for path in config.retrieval_methods]
-    return lds_table(truth, [reference, *candidates, *others], config.n_bootstrap, config.seed)
+    methods = lds_methods(truth, [reference, *candidates, *others], config.seed)
+    return tables_of(truth, methods, config.n_bootstrap, config.seed)
 
 
 def compare_projections(config: CompareConfig) -> Comparison:
@@ -438,9 +442,9 @@ def compare_projections(config: CompareConfig) -> Comparison:
         retrieval = None
         if config.retrieval:
             retrieval = step("source retrieval", source_retrieval, reference, candidates, config)
-        lds = None
+        lds, lds_pairs = None, None
         if config.lds is not None:
-            lds = step(
+            lds, lds_pairs = step(
                 "linear datamodeling score", linear_datamodeling, reference, candidates, config
             )
         if reference.manifest.get("kind") != "full":
@@ -470,6 +474,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
             ablation=ablation,
             retrieval=retrieval,
             lds=lds,
+            lds_pairs=lds_pairs,
             notes=notes,
         )
         # the stamp goes before ablation.csv is rewritten and comes back after: it never vouches
@@ -490,7 +495,7 @@ def explanations_page(comparison: Comparison, config: CompareConfig) -> Path | N
     try:
         return write_explanations(
             config.output, [*paths, *config.retrieval_methods], comparison.metrics,
-            config.source_field,
+            config.source_field, comparison.lds,
         )  # fmt: skip
     except UserError as err:
         print(f"warning: {PAGE} not written: {err}", file=sys.stderr)

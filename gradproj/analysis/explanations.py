@@ -3,8 +3,10 @@
 One self-contained file (styles, script and data inline; no server, no network), written by
 `gradproj compare` beside its report. A reader picks a test example (a list, searchable by id and
 text) and sees its conversation, its agreement figures, and for every score directory given, side
-by side, the train examples it ranks highest (proponents) and lowest (opponents), each with its
-rank, score and text; the test example's known source (`source_id`) is marked.
+by side (wrapping onto new rows rather than off the page), the train examples it ranks highest
+(proponents) and lowest (opponents), each with its rank, score and text; the test example's known
+source (`source_id`) is marked. Where `gradproj compare --lds` measured them, the methods come
+best LDS first, each with its LDS, and the page opens on the best one's score function.
 
 It embeds only what the score directories' topk.jsonl lists (at most `SHOWN` per end and
 function), never a score matrix, and each train text once, so it stays small and quick to open for
@@ -30,9 +32,14 @@ MESSAGE_CHARS = 3000  # a longer message is cut, and says so
 
 
 def page_data(
-    paths: list[Path], metrics: pd.DataFrame | None = None, source_field: str = SOURCE_FIELD
+    paths: list[Path],
+    metrics: pd.DataFrame | None = None,
+    source_field: str = SOURCE_FIELD,
+    lds: pd.DataFrame | None = None,
 ) -> dict:
-    """What the page shows, as JSON-ready data; `paths[0]` gives the test order and datasets."""
+    """What the page shows, as JSON-ready data; `paths[0]` gives the test order and datasets.
+    With an LDS table (lds.csv), the methods come best first and the page opens on the best
+    one's score function."""
     loaded = [score_dir_lists(Path(p)) for p in paths]
     train_rows, test_rows = dataset_rows(loaded[0][0])
     test_ids = loaded[0][0].test_ids
@@ -43,13 +50,18 @@ def page_data(
             raise UserError(f"test example {test_id!r} of {paths[0]} is not in its test dataset")
         source = row.get(source_field)
         tests.append({"id": test_id, "messages": messages(row), "source": source and str(source)})
-    methods = [method | {"lists": [lists.get(t) for t in test_ids]} for _, method, lists in loaded]
+    methods = [
+        method | {"lists": [lists.get(t) for t in test_ids], "lds": lds_of(lds, method)}
+        for _, method, lists in loaded
+    ]
+    methods.sort(key=best_lds, reverse=True)  # stable: without LDS, the order given
     shown = {i for _, _, lists in loaded for by_test in lists.values() for i in listed(by_test)}
     missing = sorted(shown - train_rows.keys())
     if missing:
         raise UserError(f"train example {missing[0]!r} of the scores is not in the train dataset")
     return {
         "methods": methods,
+        "function": max(methods[0]["lds"], key=methods[0]["lds"].get, default=None),
         "tests": tests,
         "train": {i: messages(train_rows[i]) for i in sorted(shown)},
         "agreement": agreement(metrics, test_ids),
@@ -72,6 +84,18 @@ def score_dir_lists(path: Path) -> tuple[ScoreDir, dict, dict]:
     }
     lists = {r["test_id"]: {f: shown_lists(r[f]) for f in functions if f in r} for r in records}
     return score_dir, method, lists
+
+
+def lds_of(lds: pd.DataFrame | None, method: dict) -> dict[str, float]:
+    """{function: LDS} of the method's rows in lds.csv (none without a table)."""
+    if lds is None:
+        return {}
+    rows = lds[(lds.method == method["label"]) & lds.function.isin(method["functions"])]
+    return {r.function: round(float(r.lds), 4) for r in rows.itertuples() if pd.notna(r.lds)}
+
+
+def best_lds(method: dict) -> float:
+    return max(method["lds"].values(), default=float("-inf"))
 
 
 def shown_lists(lists: dict) -> dict:
@@ -129,11 +153,11 @@ def render(data: dict) -> str:
 
 
 def write_explanations(
-    output: Path, paths: list[Path], metrics=None, source_field: str = SOURCE_FIELD
+    output: Path, paths: list[Path], metrics=None, source_field: str = SOURCE_FIELD, lds=None
 ) -> Path:
     """Write `output`/explanations.html (atomically) and return its path."""
     page = Path(output) / PAGE
-    store.atomic_write_bytes(page, render(page_data(paths, metrics, source_field)).encode())
+    store.atomic_write_bytes(page, render(page_data(paths, metrics, source_field, lds)).encode())
     return page
 
 
@@ -183,8 +207,9 @@ table.agreement td:nth-child(-n+2), table.agreement th:nth-child(-n+2) { text-al
 .functions button { margin-right: 6px; padding: 3px 10px; border: 1px solid #99a3b5;
   background: #fff; border-radius: 4px; cursor: pointer; }
 .functions button.on { background: #2f5fb3; color: #fff; border-color: #2f5fb3; }
-.columns { display: flex; gap: 14px; align-items: flex-start; overflow-x: auto; }
-.column { flex: 1; min-width: 250px; }
+.columns { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
+.column { flex: 1 1 250px; min-width: 250px; max-width: 100%; }
+.column .lds { font-size: 12px; color: #2f5fb3; font-weight: 600; }
 .methods, .functions { margin: 6px 0; }
 .methods label { margin-right: 12px; font-size: 12px; white-space: nowrap; }
 .column h3 { margin-top: 8px; }
@@ -209,7 +234,8 @@ const DATA = JSON.parse(document.getElementById("data").textContent);
 const testsEl = document.getElementById("tests"), mainEl = document.getElementById("main");
 const searchEl = document.getElementById("search"), countEl = document.getElementById("count");
 const functions = [...new Set(DATA.methods.flatMap(m => m.functions))];
-let chosen = null, func = functions.includes("cosine") ? "cosine" : functions[0];
+let chosen = null;
+let func = DATA.function || (functions.includes("cosine") ? "cosine" : functions[0]);
 const hidden = new Set();  // score directories the reader has unticked
 
 function el(tag, attrs, ...children) {
@@ -272,6 +298,9 @@ function column(method, i) {
   const lists = method.lists[i];
   const col = el("div", {class: "column", "data-method": method.label},
                  el("h3", {}, method.label), el("div", {class: "path"}, method.path));
+  const lds = Object.entries(method.lds || {})
+    .map(([f, v]) => "LDS " + v.toFixed(2) + " (" + f + ")");
+  if (lds.length) col.append(el("div", {class: "lds"}, lds.join(" \u00b7 ")));
   if (!lists || !lists[func]) {
     col.append(el("p", {class: "hint"}, "not scored with " + func));
     return col;

@@ -320,9 +320,13 @@ def lds_figure(table: pd.DataFrame, path: Path) -> Path:
     left.set_xlabel("LDS (mean over test examples, 95% CI)")
     left.grid(axis="x", alpha=0.3)
     gradients = table[table.projection.notna() & (table.target != "hidden")]
-    targets = sorted(set(gradients.target))
-    for (target, function), group in gradients.groupby(["target", "function"]):
-        color = f"C{targets.index(target) + 3}"  # C0-C2 mark functions on the left
+    gradients = gradients.assign(
+        series=[t if p == "none" else f"{t} · {p}"
+                for t, p in zip(gradients.target, gradients.precondition, strict=True)]
+    )  # fmt: skip
+    series = sorted(set(gradients.series))
+    for (name, function), group in gradients.groupby(["series", "function"]):
+        color = f"C{series.index(name) + 3}"  # C0-C2 mark functions on the left
         style = "-" if function == "cosine" else ":"
         for kind, line in group[group.dim.notna()].groupby("projection"):
             line = line.sort_values("dim")
@@ -330,12 +334,13 @@ def lds_figure(table: pd.DataFrame, path: Path) -> Path:
             right.errorbar(
                 line.dim, line.lds, yerr=np.clip(line_err, 0, None), capsize=3, color=color,
                 ls=style, marker="o" if function == "cosine" else "s",
-                label=f"{target} {kind} {function}",
+                label=f"{name} {kind} {function}",
             )  # fmt: skip
         for full in group[group.dim.isna()].lds:
             right.axhline(full, color=color, ls="--" if function == "cosine" else "-.", lw=1,
-                          label=f"{target} full {function}")  # fmt: skip
-    right.set_xscale("log")
+                          label=f"{name} full {function}")  # fmt: skip
+    if (gradients.dim > 0).any():  # a log axis needs a positive dim to show
+        right.set_xscale("log")
     right.set_xlabel("projected dim (all layers)")
     right.set_ylabel("LDS")
     right.grid(alpha=0.3)

@@ -5,10 +5,16 @@ Given a ground truth from `gradproj retrain` (M subsets of the train examples, e
 example's loss after fine-tuning on each), a method's attribution scores predict, for test
 example j and subset S, the sum of the scores of S's train examples. Its LDS for j is the
 Spearman correlation across the M subsets between that prediction and minus the loss; the table
-gives the mean over test examples with a percentile bootstrap 95% CI over test examples. Methods:
+gives the mean over test examples with a percentile bootstrap 95% CI over test examples, and the
+same mean on each half of the subsets (does the order of the methods hold on both?). Methods:
 every score directory given (each score function) and the baselines BM25 and a seeded random
 ranking (hidden-state cosine comes from a `--target hidden` score directory).
+
+`lds_pairs` compares the best method with every other on the same test examples: the mean of
+the per-test differences with a paired bootstrap 95% CI, and how often the best one wins.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,6 +25,7 @@ from gradproj.analysis.retrieval import (
     dataset_rows,
     method_label,
     random_scores,
+    train_run_manifest,
 )
 from gradproj.analysis.stats import bootstrap_ci
 from gradproj.errors import UserError
@@ -56,6 +63,75 @@ def lds_statistics(per_test: np.ndarray, n_bootstrap: int = 2000, seed: int = 0)
     return {"n_test": int(finite.size), "lds": value, "lds_ci_low": low, "lds_ci_high": high}
 
 
+def subset_halves(n_subsets: int) -> tuple[slice, slice]:
+    """The first and the second half of the subsets: two disjoint ground truths."""
+    return slice(0, n_subsets // 2), slice(n_subsets // 2, n_subsets)
+
+
+def half_means(truth: GroundTruth, scores: np.ndarray) -> dict:
+    """Mean LDS on each half of the subsets (NaN where a half has fewer than 2 subsets)."""
+    means = {}
+    for name, half in zip(("lds_half1", "lds_half2"), subset_halves(len(truth.masks)), strict=True):
+        values = per_test_lds(truth.masks[half], truth.losses[half], scores)
+        finite = values[np.isfinite(values)]
+        means[name] = float(np.mean(finite)) if finite.size else float("nan")
+    return means
+
+
+# --- Checks of a ground truth against the scores it judges (before any computation) ---
+
+
+def check_truth(truth: GroundTruth, score_dirs: list[ScoreDir]) -> None:
+    """Refuse a ground truth that cannot judge these scores: another model, checkpoint, length
+    or paradigm than their runs', duplicate ids, too few distinct subsets, non-finite losses."""
+    for side in ("train", "test"):
+        ids = getattr(truth, f"{side}_ids")
+        if len(set(ids)) != len(ids):
+            first = next(i for k, i in enumerate(ids) if i in ids[:k])
+            raise UserError(
+                f"{truth.path} lists {side} example {first!r} twice; rewrite it with "
+                "gradproj retrain on data with unique ids"
+            )
+    distinct = {mask.tobytes() for mask in truth.masks}
+    if len(truth.masks) < 2 or len(distinct) < 2:
+        raise UserError(
+            f"{truth.path} has {len(distinct)} distinct subset(s) of {len(truth.masks)}: LDS "
+            "correlates across subsets; rewrite it with more --n_subsets or another --fraction"
+        )
+    bad = np.argwhere(~np.isfinite(truth.losses))
+    if bad.size:
+        subset, j = bad[0]
+        raise UserError(
+            f"{truth.path}: test example {truth.test_ids[j]!r} has loss "
+            f"{truth.losses[subset, j]} after subset {subset} ({len(bad)} non-finite losses); "
+            "rewrite the ground truth with gradproj retrain (a smaller --lr)"
+        )
+    for score_dir in score_dirs:
+        check_same_model(truth, score_dir)
+
+
+def check_same_model(truth: GroundTruth, score_dir: ScoreDir) -> None:
+    """The ground truth's checkpoint, max_seq_length and paradigm are the scored runs'."""
+    settings = truth.info.get("settings") or {}
+    manifest = score_dir.manifest
+    options = train_run_manifest(score_dir).get("options") or {}
+    pairs = {
+        "checkpoint": (truth.info.get("checkpoint"), manifest.get("checkpoint")),
+        "max_seq_length": (settings.get("max_seq_length"), manifest.get("max_seq_length")),
+        "paradigm": (settings.get("paradigm"), options.get("paradigm")),
+    }
+    differences = [
+        f"{name} {ours!r} vs {theirs!r}"
+        for name, (ours, theirs) in pairs.items()
+        if ours is not None and theirs is not None and ours != theirs
+    ]
+    if differences:
+        raise UserError(
+            f"{truth.path} was retrained on another model or setting than {score_dir.path} "
+            f"was scored with ({'; '.join(differences)}); retrain with the runs' model and options"
+        )
+
+
 def aligned_scores(truth: GroundTruth, score_dir: ScoreDir, function: str) -> np.ndarray:
     """The score directory's matrix in the ground truth's test and train order; an error naming
     the first id that one holds and the other does not."""
@@ -82,6 +158,52 @@ def check_ids(truth: GroundTruth, score_dirs: list[ScoreDir]) -> None:
         aligned_scores(truth, score_dir, next(iter(score_dir.scores)))
 
 
+# --- The tables ---
+
+
+@dataclass
+class Method:
+    """One row of lds.csv: what it is, and its scores in the ground truth's order."""
+
+    method: str
+    function: str
+    target: str
+    projection: str | None
+    dim: int | None
+    precondition: str
+    damping: float | None
+    scores: np.ndarray
+
+
+def methods_of(score_dir: ScoreDir, truth: GroundTruth) -> list[Method]:
+    return [
+        Method(
+            method_label(score_dir),
+            function,
+            target_of(score_dir),
+            score_dir.projection_type,
+            total_dim(score_dir),
+            score_dir.precondition,
+            score_dir.damping,
+            aligned_scores(truth, score_dir, function),
+        )  # fmt: skip
+        for function in FUNCTIONS
+        if function in score_dir.scores
+    ]
+
+
+def lds_methods(
+    truth: GroundTruth, score_dirs: list[ScoreDir], seed: int = 0, rows=None
+) -> list[Method]:
+    """Every score directory's functions, then BM25 and random; the checks come first."""
+    check_truth(truth, score_dirs)
+    check_ids(truth, score_dirs)
+    methods = [m for score_dir in score_dirs for m in methods_of(score_dir, truth)]
+    for name, scores in baseline_scores(truth, score_dirs[0], seed, rows).items():
+        methods.append(Method(name, name, name, None, None, "none", None, scores))
+    return methods
+
+
 def lds_table(
     truth: GroundTruth,
     score_dirs: list[ScoreDir],
@@ -90,32 +212,61 @@ def lds_table(
     rows: tuple[dict, dict] | None = None,
 ) -> pd.DataFrame:
     """lds.csv: one row per score directory and function, then BM25 and random; besides the
-    LDS columns, `target`, `projection` (type, or full) and `dim` (a projected vector's length,
-    empty when not projected).
+    LDS columns, `target`, `projection` (type, or full), `dim` (a projected vector's length,
+    empty when not projected), `precondition`, `damping` and the LDS on each half of the
+    subsets.
 
     `rows` = (train rows, test rows) by id for BM25; default: the datasets named in the first
     directory's run manifests."""
-    check_ids(truth, score_dirs)
-    table = []
-    for score_dir in score_dirs:
-        for function in (f for f in FUNCTIONS if f in score_dir.scores):
-            values = per_test_lds(
-                truth.masks, truth.losses, aligned_scores(truth, score_dir, function)
-            )
-            table.append(
-                {"method": method_label(score_dir), "function": function}
-                | lds_statistics(values, n_bootstrap, seed)
-                | {"target": target_of(score_dir), "projection": score_dir.projection_type}
-                | {"dim": total_dim(score_dir)}
-            )
-    for name, scores in baseline_scores(truth, score_dirs[0], seed, rows).items():
-        values = per_test_lds(truth.masks, truth.losses, scores)
-        table.append(
-            {"method": name, "function": name}
+    return tables_of(truth, lds_methods(truth, score_dirs, seed, rows), n_bootstrap, seed)[0]
+
+
+def tables_of(
+    truth: GroundTruth, methods: list[Method], n_bootstrap: int = 2000, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lds.csv, lds_pairs.csv) of these methods."""
+    per_test = [per_test_lds(truth.masks, truth.losses, m.scores) for m in methods]
+    table = pd.DataFrame(
+        [
+            {"method": m.method, "function": m.function}
             | lds_statistics(values, n_bootstrap, seed)
-            | {"target": name, "projection": None, "dim": None}
+            | {"target": m.target, "projection": m.projection, "dim": m.dim}
+            | {"precondition": m.precondition, "damping": m.damping}
+            | half_means(truth, m.scores)
+            for m, values in zip(methods, per_test, strict=True)
+        ]
+    )
+    return table, lds_pairs(table, per_test, n_bootstrap, seed)
+
+
+def lds_pairs(
+    table: pd.DataFrame, per_test: list[np.ndarray], n_bootstrap: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """lds_pairs.csv: the method of highest LDS against every other, on the test examples where
+    both are defined: the mean per-test difference (best minus other), its paired bootstrap 95%
+    CI (test examples resampled, both methods together), and the wins of the best of n."""
+    best = int(np.nanargmax(table.lds.to_numpy()))
+    rows = []
+    for k, values in enumerate(per_test):
+        if k == best:
+            continue
+        both = np.isfinite(per_test[best]) & np.isfinite(values)
+        difference = per_test[best][both] - values[both]
+        low, high = bootstrap_ci(difference, np.mean, n_bootstrap, seed=seed)
+        rows.append(
+            {
+                "best": table.method[best],
+                "best_function": table.function[best],
+                "other": table.method[k],
+                "other_function": table.function[k],
+                "n_test": int(both.sum()),
+                "difference": float(np.mean(difference)) if both.any() else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+                "wins": int((difference > 0).sum()),
+            }
         )
-    return pd.DataFrame(table)
+    return pd.DataFrame(rows)
 
 
 def target_of(score_dir: ScoreDir) -> str:

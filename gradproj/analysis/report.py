@@ -27,6 +27,7 @@ def write_outputs(comparison, output: Path) -> None:
         tables["retrieval.csv"] = comparison.retrieval
     if comparison.lds is not None:
         tables["lds.csv"] = comparison.lds
+        tables["lds_pairs.csv"] = comparison.lds_pairs
     for name, table in tables.items():
         table.to_csv(output / name, index=False)
     comparison.figures = write_figures(comparison, output)
@@ -125,7 +126,7 @@ def render_report(comparison) -> str:
             *figure_links(comparison.figures, "retrieval"),
         ]
     if comparison.lds is not None:
-        parts += lds_section(comparison.lds, comparison.figures)
+        parts += lds_section(comparison)
     return "\n".join(parts) + "\n"
 
 
@@ -139,21 +140,65 @@ LDS_NOTE = (
 )
 
 
-def lds_section(table: pd.DataFrame, paths: list[Path]) -> list[str]:
-    return [
+LDS_PAIRS_NOTE = (
+    "The method of highest LDS against every other, on the same test examples: the mean of the "
+    "per-test differences [paired bootstrap 95% CI] and the test examples on which it is the "
+    "higher. It is *ahead* where the CI lies above 0, *level* where the CI holds 0.\n"
+)
+
+
+def lds_section(comparison) -> list[str]:
+    parts = [
         "\n## Which ranking is influence: linear datamodeling score\n",
         LDS_NOTE,
-        markdown_table(lds_cells(table)),
-        *figure_links(paths, "lds"),
+        "Best first. `halves`: the LDS on the first and on the second half of the subsets, two "
+        "disjoint ground truths: an order that holds on both is not a fluke of the subsets.\n",
+        markdown_table(lds_cells(comparison.lds)),
+        *figure_links(comparison.figures, "lds"),
     ]
+    if comparison.lds_pairs is not None and len(comparison.lds_pairs):
+        parts += [
+            "\n### The best method against every other\n",
+            LDS_PAIRS_NOTE,
+            markdown_table(pair_cells(comparison.lds_pairs)),
+        ]
+    return parts
 
 
 def lds_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The LDS table's cells, best first."""
+    table = table.sort_values("lds", ascending=False, kind="stable")
     cells = table[["method", "function", "n_test"]].copy()
     cells["lds"] = [
         f"{r.lds:.3f} [{r.lds_ci_low:.3f}, {r.lds_ci_high:.3f}]" for r in table.itertuples()
     ]
+    if {"lds_half1", "lds_half2"} <= set(table.columns):
+        cells["halves"] = [f"{r.lds_half1:.3f} / {r.lds_half2:.3f}" for r in table.itertuples()]
     return cells
+
+
+def pair_cells(pairs: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "against": [pair_method(r, "other") for r in pairs.itertuples()],
+            "difference": [
+                f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+                for r in pairs.itertuples()
+            ],
+            "wins": [f"{r.wins} of {r.n_test}" for r in pairs.itertuples()],
+            "best is": [standing(r) for r in pairs.itertuples()],
+        }
+    )
+
+
+def standing(pair) -> str:
+    """The report's word for a paired difference: `ahead of` only when its CI excludes 0."""
+    return "ahead of" if pair.ci_low > 0 else "level with"
+
+
+def pair_method(pair, side: str) -> str:
+    method, function = getattr(pair, side), getattr(pair, f"{side}_function")
+    return method if method == function else f"{method} ({function})"
 
 
 # --- The opening summary: one short line per finding, each written from the numbers ---
@@ -282,20 +327,68 @@ def dim_text(dim) -> str:
 
 
 def lds_summary(comparison) -> str | None:
-    """The method whose scores best predict the retrained losses (LDS), and the reference's."""
-    table = comparison.lds
+    """The method whose scores best predict the retrained losses (LDS), with its preconditioner
+    and damping; ahead of or level with the runner-up, BM25 and the reference, by the paired CI."""
+    table, pairs = comparison.lds, comparison.lds_pairs
     if table is None or table.empty:
         return None
     best = table.sort_values("lds", ascending=False, kind="stable").iloc[0]
     text = (
-        f"Explains best (LDS, the retrained ground truth): {method_text(best)}, "
+        f"Explains best (LDS, the retrained ground truth): {lds_method_text(best)}, "
         f"{best.lds:.2f} [{best.lds_ci_low:.2f}, {best.lds_ci_high:.2f}]"
     )
-    return text + reference_rows(table, best, lambda row: f"{row.lds:.2f}") + "."
+    if pairs is None or pairs.empty:
+        return text + "."
+    return text + "; " + "; ".join(pair_text(p) for p in summary_pairs(table, pairs)) + "."
+
+
+def lds_method_text(row) -> str:
+    """`method (function)`, and the damping of a preconditioned one (`(cosine, damping 1)`)."""
+    if row.function == row.method:
+        return row.method
+    damping = f", damping {row.damping:g}" if row.precondition != "none" else ""
+    return f"{row.method} ({row.function}{damping})"
+
+
+def summary_pairs(table: pd.DataFrame, pairs: pd.DataFrame) -> list:
+    """The pairs the summary names: the runner-up, BM25 and the reference directory's rows."""
+    ranked = pairs.merge(
+        table[["method", "function", "lds"]],
+        left_on=["other", "other_function"],
+        right_on=["method", "function"],
+    ).sort_values("lds", ascending=False, kind="stable")
+    reference = table.method.iloc[0]
+    named = ranked.head(1).index.union(ranked[ranked.other.isin(["bm25", reference])].index)
+    return list(ranked.loc[[i for i in ranked.index if i in named]].itertuples())
+
+
+def pair_text(pair) -> str:
+    return (
+        f"{standing(pair)} {pair_method(pair, 'other')} ({pair.lds:.2f}; difference "
+        f"{pair.difference:+.2f} [{pair.ci_low:+.2f}, {pair.ci_high:+.2f}], "
+        f"higher on {pair.wins} of {pair.n_test})"
+    )
+
+
+def halves_summary(comparison) -> str | None:
+    """Whether the order of the first two methods holds on both halves of the subsets."""
+    table = comparison.lds
+    if table is None or len(table) < 2 or "lds_half1" not in table.columns:
+        return None
+    first, second = table.sort_values("lds", ascending=False, kind="stable").iloc[:2].itertuples()
+    holds = [a > b for a, b in zip(
+        (first.lds_half1, first.lds_half2), (second.lds_half1, second.lds_half2), strict=True
+    )]  # fmt: skip
+    verdict = {2: "holds on both halves", 1: "holds on one half only", 0: "is reversed on both"}
+    return (
+        f"On each half of the subsets: {method_text(first)} {first.lds_half1:.2f} / "
+        f"{first.lds_half2:.2f}, {method_text(second)} {second.lds_half1:.2f} / "
+        f"{second.lds_half2:.2f}: their order {verdict[sum(holds)]}."
+    )
 
 
 SUMMARY = [agreement_summary, theory_summary, artifact_summary, retrieval_summary, lds_summary,
-           exclusions_summary]  # fmt: skip
+           halves_summary, exclusions_summary]  # fmt: skip
 
 
 RETRIEVAL_NOTE = (

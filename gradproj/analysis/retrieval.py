@@ -136,22 +136,31 @@ def random_scores(n_test: int, n_train: int, seed: int) -> np.ndarray:
 
 
 def method_label(score_dir: ScoreDir) -> str:
-    """`<target> <full | type_dim>`, with the number of linear modules of a params run."""
+    """`<target> <full | type_dim>`, with the number of linear modules of a params run, then its
+    preconditioning (` · gram`)."""
     manifest = score_dir.manifest
     target = manifest.get("target") or "embeddings"
     if manifest.get("kind") == "hidden":
-        return "hidden state (mean)"
+        return "hidden state (mean)" + score_dir.preconditioning
     projection = score_dir.projection
     variant = "full" if not projection else f"{projection['type']}_{projection['dim']}"
     layers = run_layers(score_dir) if target == "params" else None
-    return f"{target} {variant}" + (f", {layers} modules" if layers else "")
+    modules = f", {layers} modules" if layers else ""
+    return f"{target} {variant}{modules}{score_dir.preconditioning}"
 
 
 def run_layers(score_dir: ScoreDir) -> int | None:
+    return len(train_run_manifest(score_dir).get("modules") or []) or None
+
+
+def train_run_manifest(score_dir: ScoreDir) -> dict:
+    """The scored train run's whole manifest (the summary keeps a part), or {} when the run is
+    no longer where it was scored."""
     manifest = Path(score_dir.summary.get("train_run", "")) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    return len(json.loads(manifest.read_text()).get("modules") or []) or None
+    try:
+        return json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def retrieval_table(
@@ -180,6 +189,7 @@ def retrieval_table(
             table.append(
                 {"method": method_label(score_dir), "function": function}
                 | retrieval_statistics(ranks, n_bootstrap, seed)
+                | {"precondition": score_dir.precondition, "damping": score_dir.damping}
             )
     baselines = {
         "bm25": bm25_scores(
@@ -191,7 +201,9 @@ def retrieval_table(
     for name, scores in baselines.items():
         ranks = ranks_of_sources(scores, reference.train_ids, reference.test_ids, source_of)
         table.append(
-            {"method": name, "function": name} | retrieval_statistics(ranks, n_bootstrap, seed)
+            {"method": name, "function": name}
+            | retrieval_statistics(ranks, n_bootstrap, seed)
+            | {"precondition": "none", "damping": None}
         )
     return pd.DataFrame(table)
 
