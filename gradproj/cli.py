@@ -264,7 +264,12 @@ QUERY_OPTIONS = {
     "dataset": dict(help="the train run's dataset, for the texts (default: its manifest's)"),
     "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
     "memory_gb": dict(help="scoring memory budget in GiB (default: as gradproj score)"),
-    **{name: SCORE_OPTIONS[name] for name in ("precondition", "damping", "curvature")},
+    "precondition": SCORE_OPTIONS["precondition"]
+    | dict(
+        help="curvature correction, as gradproj score's --precondition (default: gram where "
+        "the train run's vectors are projected, the ranking that explains best; none otherwise)"
+    ),
+    **{name: SCORE_OPTIONS[name] for name in ("damping", "curvature")},
 }
 
 ORIGINAL_OPTIONS = {

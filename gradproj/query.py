@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj import curvature, data, influence, models, store
+from gradproj import curvature, data, influence, models, scoredir, store
 from gradproj.errors import UserError
 
 FORMATS = ("table", "json")
@@ -45,7 +45,7 @@ class QueryConfig:
     dataset: str | None = None
     device: str | None = None
     memory_gb: float | None = None
-    precondition: str = "none"
+    precondition: str | None = None  # None: gram where the train run supports it, else none
     damping: float = curvature.DEFAULT_DAMPING
     curvature: str | None = None
 
@@ -64,7 +64,7 @@ class QueryConfig:
             (all(pair) or not any(pair), "--prompt and --response go together; give both"),
             (self.top_k >= 1, "--top_k must be at least 1"),
             (
-                self.precondition in influence.PRECONDITIONERS,
+                self.precondition in (None, *influence.PRECONDITIONERS),
                 f"--precondition {self.precondition!r}: use "
                 + ", ".join(influence.PRECONDITIONERS),
             ),
@@ -293,6 +293,7 @@ def format_table(results: list[dict], functions: tuple[str, ...]) -> str:
     for result in results:
         asked = one_line(result["text"], 2 * TABLE_TEXT_CHARS)
         lines.append(f"query {result['query_id']}: {asked}")
+        lines.append(f"  scored by {result['method']}{PLAIN_HINT[result['precondition']]}")
         for name in functions:
             for kind in ("proponents", "opponents"):
                 lines.append(f"  {kind} by {name}:")
@@ -307,6 +308,10 @@ def format_table(results: list[dict], functions: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+PLAIN_HINT = {"none": " (plain scores)", "gram": " (--precondition none for plain scores)",
+              "kfac": " (--precondition none for plain scores)"}  # fmt: skip
+
+
 def score_text(e: dict, name: str) -> str:
     if name not in e:
         return "-"
@@ -318,9 +323,26 @@ def one_line(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
+def default_precondition(train: store.Run) -> str:
+    """gram where the train run's vectors can be whitened (projected ones), else none: the
+    ranking that explains best where it can be had (docs/choosing.md)."""
+    try:
+        curvature.check_supported(train)
+    except UserError:
+        return "none"
+    return "gram"
+
+
+def scoring_label(cfg: QueryConfig, train: store.Run) -> str:
+    """What the scores are, as the analysis labels them (`params kronecker_16x16 · gram`)."""
+    modules = len(train.manifest.get("modules") or []) or None
+    return scoredir.scoring_label(train.manifest, modules, cfg.precondition, cfg.damping)
+
+
 def run_query(cfg: QueryConfig) -> list[dict]:
     """Explain each query against the train run; validate everything before the model loads."""
     train = influence.open_run(cfg.train, "train")
+    cfg.precondition = cfg.precondition or default_precondition(train)
     options = extraction_options(train)
     rows = read_queries(cfg, options.get("paradigm", "sft"))
     texts = train_texts(train, cfg.dataset)
@@ -328,7 +350,9 @@ def run_query(cfg: QueryConfig) -> list[dict]:
         queries = extract_queries(rows, train, Path(folder), cfg.device)
         check_explainable(queries)
         scores = score_queries(cfg, train, queries)
-    return explanations(cfg, rows, scores, texts)
+    method = {"method": scoring_label(cfg, train), "precondition": cfg.precondition}
+    method["damping"] = cfg.damping if cfg.precondition != "none" else None
+    return [method | result for result in explanations(cfg, rows, scores, texts)]
 
 
 def print_results(cfg: QueryConfig, results: list[dict]) -> None:

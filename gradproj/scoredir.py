@@ -269,12 +269,7 @@ class ScoreDir:
 
     @property
     def preconditioning(self) -> str:
-        """What a label adds for a preconditioned scoring: ` · gram`, with the damping when it
-        is not the default, so that scorings that differ in either never share a label."""
-        if self.precondition == "none":
-            return ""
-        damping = "" if self.damping == DEFAULT_DAMPING else f" damping {self.damping:g}"
-        return f" · {self.precondition}{damping}"
+        return preconditioning_text(self.precondition, self.damping)
 
     @property
     def label(self) -> str:
@@ -282,6 +277,31 @@ class ScoreDir:
         then its preconditioning."""
         variant = "full" if self.dim is None else f"{self.projection_type}_{self.projection['dim']}"
         return variant + self.preconditioning
+
+
+def scoring_label(
+    manifest: dict, modules: int | None, precondition: str = "none", damping: float | None = None
+) -> str:
+    """What scores of the train run of `manifest` are, in every table, figure and page:
+    `<target> <full | type_dim>`, the count of linear modules of a params run, then the
+    preconditioning (`params kronecker_16x16, 210 modules · gram`)."""
+    preconditioning = preconditioning_text(precondition, damping)
+    if manifest.get("kind") == "hidden":
+        return "hidden state (mean)" + preconditioning
+    target = manifest.get("target") or "embeddings"
+    projection = manifest.get("projection")
+    variant = "full" if not projection else f"{projection['type']}_{projection['dim']}"
+    count = f", {modules} modules" if modules and target == "params" else ""
+    return f"{target} {variant}{count}{preconditioning}"
+
+
+def preconditioning_text(precondition: str, damping: float | None) -> str:
+    """What a label adds for a preconditioned scoring: ` · gram`, with the damping when it is
+    not the default, so that scorings that differ in either never share a label."""
+    if precondition == "none":
+        return ""
+    shown = "" if damping == DEFAULT_DAMPING else f" damping {damping:g}"
+    return f" · {precondition}{shown}"
 
 
 def read_summary(path: str | Path) -> dict:

@@ -51,8 +51,9 @@ def test_demo_ends_with_the_retrieval_table_of_every_method(demo_output):
     table = pd.read_csv(out / "report" / "retrieval.csv")
     methods = set(table.method)
     assert {"embeddings full", "embeddings rademacher_16", "bm25", "random"} <= methods
-    assert "hidden state (mean)" in methods
-    assert any(m.startswith("params kronecker_16x16") for m in methods)
+    assert {"hidden state (mean)", "hidden state (mean) · gram"} <= methods
+    assert any(m.startswith("params kronecker_16x16") and m.endswith(" · gram") for m in methods)
+    assert any(m.startswith("params kronecker_16x16") and "·" not in m for m in methods)
     assert any(m.startswith("params rademacher_64, 4 modules") for m in methods)
     assert (table.n_test == table.n_test.iloc[0]).all() and table.n_test.iloc[0] > 0
     assert "Every method" in stdout and stdout.splitlines()[-4].lstrip().startswith("random")
@@ -112,7 +113,8 @@ def test_query_of_a_bundled_test_example_is_extract_and_score_bit_for_bit(
             "--top_k", "5"]  # fmt: skip
     assert score_main(argv) == 0
     expected = json.loads((tmp_path / "s" / "topk.jsonl").read_text())
-    (result,) = run_query(QueryConfig(train=str(train), messages=str(dataset), top_k=5))
+    query = QueryConfig(train=str(train), messages=str(dataset), top_k=5, precondition="none")
+    (result,) = run_query(query)
     assert result["query_id"] == expected["test_id"] == "test_00"
     for name in ("dot", "cosine"):
         pros, cons = result[name]["proponents"], result[name]["opponents"]

@@ -24,9 +24,11 @@ def test_query_gives_the_scores_of_extract_and_score_bit_for_bit(tiny_study, var
     """Several queries of one file against extract + score of that file (a query's batch mates
     pad it, which moves the last bits of a real model's gradient: compare like with like)."""
     queries = write_jsonl(tmp_path / "q.jsonl", tiny_study["test_rows"][1:4])
-    cfg = QueryConfig(train=str(tiny_study["train", variant]), messages=str(queries), top_k=TOP_K)
+    cfg = QueryConfig(train=str(tiny_study["train", variant]), messages=str(queries), top_k=TOP_K,
+                      precondition="none")  # fmt: skip
     results = run_query(cfg)
     assert [r["query_id"] for r in results] == ["q_1", "q_2", "q_3"]
+    assert {r["precondition"] for r in results} == {"none"}
     test_run = tiny_study["extract"](queries, tmp_path / "g")[variant]
     score_dir = tiny_study["score"](test_run, tmp_path / "scores", variant)
     for result in results:
@@ -56,7 +58,9 @@ def test_query_preconditioned_gives_the_scores_of_score_precondition_gram(tiny_s
     argv = ["--train", str(train), "--test", str(test_run), "--output", str(tmp_path / "s"),
             "--top_k", str(TOP_K), "--precondition", "gram", "--curvature", str(gram)]  # fmt: skip
     assert score_main(argv) == 0
-    plain = run_query(QueryConfig(train=str(train), messages=str(queries), top_k=TOP_K))
+    plain = run_query(
+        QueryConfig(train=str(train), messages=str(queries), top_k=TOP_K, precondition="none")
+    )
     for result, unwhitened in zip(results, plain, strict=True):
         expected = topk_of(tmp_path / "s", result["query_id"])
         for name in ("dot", "cosine"):
@@ -64,6 +68,46 @@ def test_query_preconditioned_gives_the_scores_of_score_precondition_gram(tiny_s
             assert [e["id"] for e in pros] == expected[name]["top_ids"]
             assert [e[name] for e in pros] == expected[name]["top_scores"]
         assert result["dot"] != unwhitened["dot"]  # the whitening changed something
+
+
+def params_run(model, dataset, out):
+    """A params kronecker 2x3 run of the tiny model's attention layers over `dataset`."""
+    from gradproj.cli import extract_main
+
+    argv = [str(model), str(dataset), "0", "--gradients_output_path", str(out),
+            "--max_seq_length", "40", "--target", "params", "--modules", "*.self_attn.*",
+            "--random_projection", "--proj_type", "kronecker", "--proj_dim", "2x3"]  # fmt: skip
+    assert extract_main(argv) == 0
+    return out / "params_kronecker_2x3" / model.name / dataset.stem / "train" / "0"
+
+
+def test_query_of_a_params_run_defaults_to_score_precondition_gram(
+    tiny_llama, tiny_study, tmp_path, capsys
+):
+    """With no --precondition, a query of a projected run is whitened by the train Gram: the
+    scores of extract + `gradproj score --precondition gram`, to the last bit, and it says so."""
+    from gradproj.cli import score_main
+
+    train = params_run(tiny_llama, tiny_study["train_file"], tmp_path / "g")
+    queries = write_jsonl(tmp_path / "q.jsonl", tiny_study["test_rows"][1:4])
+    results = run_query(QueryConfig(train=str(train), messages=str(queries), top_k=TOP_K))
+    test = params_run(tiny_llama, queries, tmp_path / "g")
+    argv = ["--train", str(train), "--test", str(test), "--output", str(tmp_path / "s"),
+            "--top_k", str(TOP_K), "--precondition", "gram"]  # fmt: skip
+    assert score_main(argv) == 0
+    for result in results:
+        assert result["method"] == "params kronecker_2x3, 8 modules · gram"
+        assert (result["precondition"], result["damping"]) == ("gram", 1.0)
+        expected = topk_of(tmp_path / "s", result["query_id"])
+        for name in ("dot", "cosine"):
+            for kind, key in (("proponents", "top"), ("opponents", "bottom")):
+                listed = result[name][kind]
+                assert [e["id"] for e in listed] == expected[name][f"{key}_ids"]
+                assert [e[name] for e in listed] == expected[name][f"{key}_scores"]
+    capsys.readouterr()
+    assert main(["query", "--train", str(train), "--messages", str(queries)]) == 0
+    out = capsys.readouterr().out
+    assert "  scored by params kronecker_2x3, 8 modules · gram (--precondition none" in out
 
 
 def test_json_output_round_trips_and_carries_the_train_texts(tiny_study, capsys):
@@ -93,8 +137,9 @@ def test_table_reads_stdin_and_lists_both_kinds(tiny_study, capsys, monkeypatch)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("query q_0: ")
+    assert out.splitlines()[1] == "  scored by embeddings full (plain scores)"  # full: no gram
     assert "proponents by dot:" in out and "opponents by dot:" in out
-    assert "cosine by" not in out and len(out.splitlines()) == 1 + 2 * (2 + 9)
+    assert "cosine by" not in out and len(out.splitlines()) == 2 + 2 * (2 + 9)
 
 
 def test_query_without_an_assistant_token_left_is_refused(tiny_study, capsys):

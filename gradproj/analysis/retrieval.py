@@ -18,7 +18,7 @@ import pandas as pd
 from gradproj.analysis.scores import align_to
 from gradproj.analysis.stats import bootstrap_ci
 from gradproj.errors import UserError
-from gradproj.scoredir import FUNCTIONS, ScoreDir
+from gradproj.scoredir import FUNCTIONS, ScoreDir, scoring_label
 
 KS = (1, 5)
 SOURCE_FIELD = "source_id"
@@ -138,19 +138,8 @@ def random_scores(n_test: int, n_train: int, seed: int) -> np.ndarray:
 def method_label(score_dir: ScoreDir) -> str:
     """`<target> <full | type_dim>`, with the number of linear modules of a params run, then its
     preconditioning (` · gram`)."""
-    manifest = score_dir.manifest
-    target = manifest.get("target") or "embeddings"
-    if manifest.get("kind") == "hidden":
-        return "hidden state (mean)" + score_dir.preconditioning
-    projection = score_dir.projection
-    variant = "full" if not projection else f"{projection['type']}_{projection['dim']}"
-    layers = run_layers(score_dir) if target == "params" else None
-    modules = f", {layers} modules" if layers else ""
-    return f"{target} {variant}{modules}{score_dir.preconditioning}"
-
-
-def run_layers(score_dir: ScoreDir) -> int | None:
-    return len(train_run_manifest(score_dir).get("modules") or []) or None
+    layers = len(train_run_manifest(score_dir).get("modules") or []) or None
+    return scoring_label(score_dir.manifest, layers, score_dir.precondition, score_dir.damping)
 
 
 def train_run_manifest(score_dir: ScoreDir) -> dict:
