@@ -118,3 +118,47 @@ def test_choosing_a_test_example_shows_its_proponents_and_source(chromium, tiny_
     column = chromium.find_elements(By.CSS_SELECTOR, ".column")[0]
     shown = [e.get_attribute("data-train") for e in column.find_elements(By.CSS_SELECTOR, ".entry")]
     assert shown == method["lists"][i]["dot"]["top_ids"] + method["lists"][i]["dot"]["bottom_ids"]
+
+
+def test_the_page_opens_on_the_best_method_and_cuts_no_column_at_1280_px(
+    chromium,  # noqa: F811
+    tiny_study,
+    tmp_path,
+):
+    """With LDS known, the best method's column comes first, on its best function; six
+    columns at 1280 px wrap onto new rows rather than run off the right edge."""
+    import pandas as pd
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    paths = [tiny_study["scores", v] for v in VARIANTS] * 3  # six columns
+    labels = [m["label"] for m in study_page(tiny_study)["methods"]]
+    lds = pd.DataFrame(
+        {"method": [labels[0]] * 2 + [labels[1]] * 2, "function": ["dot", "cosine"] * 2,
+         "lds": [0.1, 0.2, 0.3, 0.6]}
+    )  # fmt: skip
+    page = tmp_path / PAGE
+    page.write_text(render(page_data(paths, lds=lds)))
+    chromium.set_window_size(1280, 900)
+    try:
+        chromium.get(page.as_uri())
+        WebDriverWait(chromium, 20).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        )
+        columns = chromium.find_elements(By.CSS_SELECTOR, ".column")
+        assert len(columns) == 6
+        assert columns[0].get_attribute("data-method") == labels[1]  # LDS 0.6, first
+        on = chromium.find_element(By.CSS_SELECTOR, ".functions button.on")
+        assert on.get_attribute("data-function") == "cosine"  # its best function
+        assert "LDS 0.60 (cosine)" in columns[0].text
+        width = chromium.execute_script("return document.documentElement.clientWidth")
+        for column in columns:
+            right = chromium.execute_script(
+                "return arguments[0].getBoundingClientRect().right", column
+            )
+            assert right <= width, (right, width)
+        assert chromium.execute_script(
+            "const m = document.getElementById('main'); return m.scrollWidth <= m.clientWidth"
+        )
+    finally:
+        chromium.set_window_size(1400, 900)
