@@ -177,7 +177,8 @@ def test_pairs_match_a_brute_force_paired_bootstrap_and_the_word_follows_the_ci(
     per_test = [behind, best, level]
     table = pd.DataFrame({"method": ["behind", "best", "level"], "function": ["dot"] * 3,
                           "lds": [np.nanmean(v) for v in per_test], "precondition": "none",
-                          "damping": None, "lds_ci_low": 0.0, "lds_ci_high": 1.0})  # fmt: skip
+                          "damping": None, "lds_ci_low": 0.0, "lds_ci_high": 1.0,
+                          "target": "x"})  # fmt: skip
     assert table.lds.idxmax() == 1
     pairs = lds_pairs(table, per_test, n_bootstrap=4000, seed=0).set_index("other")
     assert list(pairs.index) == ["behind", "level"] and (pairs.best == "best").all()
@@ -190,6 +191,7 @@ def test_pairs_match_a_brute_force_paired_bootstrap_and_the_word_follows_the_ci(
     assert pairs.loc["behind"].ci_low > 0 and standing(pairs.loc["behind"]) == "ahead of"
     assert pairs.loc["level"].ci_low < 0 < pairs.loc["level"].ci_high
     assert standing(pairs.loc["level"]) == "level with"
+    assert standing(SimpleNamespace(ci_low=-0.2, ci_high=-0.01)) == "behind"
     comparison = SimpleNamespace(lds=table, lds_pairs=pairs.reset_index())
     summary = lds_summary(comparison)
     assert "level with level (dot)" in summary and "ahead of behind (dot)" in summary
@@ -233,7 +235,7 @@ def test_a_gram_scoring_never_shares_the_label_of_the_plain_one(
     plain, gram = "embeddings rademacher_16", "embeddings rademacher_16 · gram"
     for name in ("lds.csv", "retrieval.csv"):
         table = pd.read_csv(report / name)
-        rows = table[table.method.str.startswith(plain)]
+        rows = table[table.method.str.startswith(plain) & ~table.method.str.endswith("bm25")]
         assert sorted(set(zip(rows.method, rows.precondition, strict=True))) == [
             (plain, "none"),
             (gram, "gram"),
@@ -321,3 +323,22 @@ def test_the_lds_figure_draws_tables_without_dims_or_with_undefined_values(tmp_p
     assert lds_figure(table, tmp_path / "lds.png").is_file()
     full = table.assign(target=["embeddings", "bm25"], lds=[0.1, 0.5])
     assert lds_figure(full, tmp_path / "full.png").is_file()
+
+
+def test_the_fused_ranking_is_the_sum_of_z_scores_of_the_best_whitened_method_and_bm25():
+    from gradproj.analysis.lds import Method, fused_method
+
+    rng = np.random.default_rng(5)
+    masks, losses, effects = planted(rng, noise=1.0)
+    truth = GroundTruth(None, masks, losses, losses[0], [], [], {})
+    good = effects + 0.1 * rng.normal(size=effects.shape)
+    poor = rng.normal(size=effects.shape)
+    bm25 = 3 * effects + 5 + rng.normal(size=effects.shape)
+    methods = [Method("a · gram", "dot", "params", "kronecker", 4, "gram", 1.0, poor),
+               Method("b · gram", "dot", "params", "kronecker", 4, "gram", 1.0, good),
+               Method("bm25", "bm25", "bm25", None, None, "none", None, bm25)]  # fmt: skip
+    (fused,) = fused_method(truth, methods)
+    assert (fused.method, fused.target, fused.precondition) == ("b · gram + bm25", "fused", "gram")
+    z = [(m - m.mean(1, keepdims=True)) / m.std(1, keepdims=True) for m in (good, bm25)]
+    np.testing.assert_allclose(fused.scores, z[0] + z[1], rtol=1e-12)
+    assert fused_method(truth, methods[2:]) == []  # nothing whitened: no fused row

@@ -271,31 +271,41 @@ def row_zscores(scores: np.ndarray) -> np.ndarray:
 def lds_pairs(
     table: pd.DataFrame, per_test: list[np.ndarray], n_bootstrap: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
-    """lds_pairs.csv: the method of highest LDS against every other, on the test examples where
-    both are defined: the mean per-test difference (best minus other), its paired bootstrap 95%
-    CI (test examples resampled, both methods together), and the wins of the best of n."""
-    best = int(np.nanargmax(table.lds.to_numpy()))
+    """lds_pairs.csv: the method of highest LDS against every other, and so the best single
+    ranking when that is the fused one, on the test examples where both are defined: the mean
+    per-test difference (best minus other), its paired bootstrap 95% CI (test examples
+    resampled, both methods together), and the wins of the best of n."""
     rows = []
-    for k, values in enumerate(per_test):
-        if k == best:
-            continue
-        both = np.isfinite(per_test[best]) & np.isfinite(values)
-        difference = per_test[best][both] - values[both]
-        low, high = bootstrap_ci(difference, np.mean, n_bootstrap, seed=seed)
-        rows.append(
-            {
-                "best": table.method[best],
-                "best_function": table.function[best],
-                "other": table.method[k],
-                "other_function": table.function[k],
-                "n_test": int(both.sum()),
-                "difference": float(np.mean(difference)) if both.any() else float("nan"),
-                "ci_low": low,
-                "ci_high": high,
-                "wins": int((difference > 0).sum()),
-            }
-        )
+    for best in leaders(table):
+        for k, values in enumerate(per_test):
+            if k != best:
+                rows.append(
+                    {"best": table.method[best], "best_function": table.function[best]}
+                    | {"other": table.method[k], "other_function": table.function[k]}
+                    | paired_difference(per_test[best], values, n_bootstrap, seed)
+                )
     return pd.DataFrame(rows)
+
+
+def leaders(table: pd.DataFrame) -> list[int]:
+    """Rows of the highest LDS overall and of the highest single (not fused) ranking."""
+    lds = table.lds.to_numpy(dtype=np.float64)
+    best = int(np.nanargmax(lds))
+    single = np.where(table.target.to_numpy() == "fused", np.nan, lds)
+    return sorted({best, int(np.nanargmax(single))}, key=lambda k: -lds[k])
+
+
+def paired_difference(best: np.ndarray, other: np.ndarray, n_bootstrap: int, seed: int) -> dict:
+    both = np.isfinite(best) & np.isfinite(other)
+    difference = best[both] - other[both]
+    low, high = bootstrap_ci(difference, np.mean, n_bootstrap, seed=seed)
+    return {
+        "n_test": int(both.sum()),
+        "difference": float(np.mean(difference)) if both.any() else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "wins": int((difference > 0).sum()),
+    }
 
 
 def target_of(score_dir: ScoreDir) -> str:

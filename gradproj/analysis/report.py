@@ -143,7 +143,8 @@ LDS_NOTE = (
 LDS_PAIRS_NOTE = (
     "The method of highest LDS against every other, on the same test examples: the mean of the "
     "per-test differences [paired bootstrap 95% CI] and the test examples on which it is the "
-    "higher. It is *ahead* where the CI lies above 0, *level* where the CI holds 0.\n"
+    "higher. It is *ahead* where the CI lies above 0, *behind* where it lies below, *level* where "
+    "it holds 0.\n"
 )
 
 
@@ -192,8 +193,11 @@ def pair_cells(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def standing(pair) -> str:
-    """The report's word for a paired difference: `ahead of` only when its CI excludes 0."""
-    return "ahead of" if pair.ci_low > 0 else "level with"
+    """The report's word for a paired difference: `ahead of` or `behind` only when its CI
+    excludes 0, `level with` otherwise."""
+    if pair.ci_low > 0:
+        return "ahead of"
+    return "behind" if pair.ci_high < 0 else "level with"
 
 
 def pair_method(pair, side: str) -> str:
@@ -329,17 +333,33 @@ def dim_text(dim) -> str:
 def lds_summary(comparison) -> str | None:
     """The method whose scores best predict the retrained losses (LDS), with its preconditioner
     and damping; ahead of or level with the runner-up, BM25 and the reference, by the paired CI."""
+    return leader_summary(comparison, 0, "Explains best (LDS, the retrained ground truth)")
+
+
+def single_lds_summary(comparison) -> str | None:
+    """The same for the best single ranking, when the best is the fused one."""
+    return leader_summary(comparison, 1, "Best single ranking (not fused)")
+
+
+def leader_summary(comparison, k: int, title: str) -> str | None:
     table, pairs = comparison.lds, comparison.lds_pairs
     if table is None or table.empty:
         return None
-    best = table.sort_values("lds", ascending=False, kind="stable").iloc[0]
-    text = (
-        f"Explains best (LDS, the retrained ground truth): {lds_method_text(best)}, "
-        f"{best.lds:.2f} [{best.lds_ci_low:.2f}, {best.lds_ci_high:.2f}]"
-    )
     if pairs is None or pairs.empty:
-        return text + "."
-    return text + "; " + "; ".join(pair_text(p) for p in summary_pairs(table, pairs)) + "."
+        best = table.sort_values("lds", ascending=False, kind="stable").iloc[0]
+        return None if k else f"{title}: {lds_method_text(best)}, {lds_cell(best)}."
+    leaders = list(dict.fromkeys(zip(pairs.best, pairs.best_function, strict=True)))
+    if k >= len(leaders):
+        return None
+    method, function = leaders[k]
+    best = table[(table.method == method) & (table.function == function)].iloc[0]
+    own = pairs[(pairs.best == method) & (pairs.best_function == function)]
+    named = "; ".join(pair_text(p) for p in summary_pairs(table, own))
+    return f"{title}: {lds_method_text(best)}, {lds_cell(best)}; {named}."
+
+
+def lds_cell(row) -> str:
+    return f"{row.lds:.2f} [{row.lds_ci_low:.2f}, {row.lds_ci_high:.2f}]"
 
 
 def lds_method_text(row) -> str:
@@ -351,44 +371,62 @@ def lds_method_text(row) -> str:
 
 
 def summary_pairs(table: pd.DataFrame, pairs: pd.DataFrame) -> list:
-    """The pairs the summary names: the runner-up, BM25 and the reference directory's rows."""
+    """The pairs the summary names, each method at its best function: the runner-up (another
+    method than the best), BM25 and the reference directory's method."""
     ranked = pairs.merge(
-        table[["method", "function", "lds"]],
+        table[["method", "function", "lds", "target"]],
         left_on=["other", "other_function"],
         right_on=["method", "function"],
     ).sort_values("lds", ascending=False, kind="stable")
+    others = ranked[ranked.other != ranked.best].drop_duplicates("other")
     reference = table.method.iloc[0]
-    named = ranked.head(1).index.union(ranked[ranked.other.isin(["bm25", reference])].index)
-    return list(ranked.loc[[i for i in ranked.index if i in named]].itertuples())
+    named = others.head(1).index.union(others[others.other.isin(["bm25", reference])].index)
+    named = named.union(others[others.target == "fused"].index)
+    return list(others.loc[[i for i in others.index if i in named]].itertuples())
 
 
 def pair_text(pair) -> str:
     return (
         f"{standing(pair)} {pair_method(pair, 'other')} ({pair.lds:.2f}; difference "
-        f"{pair.difference:+.2f} [{pair.ci_low:+.2f}, {pair.ci_high:+.2f}], "
+        f"{pair.difference:+.3f} [{pair.ci_low:+.3f}, {pair.ci_high:+.3f}], "
         f"higher on {pair.wins} of {pair.n_test})"
     )
 
 
 def halves_summary(comparison) -> str | None:
-    """Whether the order of the first two methods holds on both halves of the subsets."""
+    """Whether the order of the first two methods (each at its best function), and of the best
+    single ranking and BM25, holds on both halves of the subsets."""
     table = comparison.lds
-    if table is None or len(table) < 2 or "lds_half1" not in table.columns:
+    if table is None or "lds_half1" not in table.columns:
         return None
-    first, second = table.sort_values("lds", ascending=False, kind="stable").iloc[:2].itertuples()
+    best = table.sort_values("lds", ascending=False, kind="stable").drop_duplicates("method")
+    if len(best) < 2:
+        return None
+    orders = [tuple(best.iloc[:2].itertuples())]
+    single, bm25 = best[best.target != "fused"].iloc[:1], best[best.method == "bm25"]
+    if (
+        len(single)
+        and len(bm25)
+        and "bm25" not in {r.method for r in (*orders[0], *single.itertuples())}
+    ):
+        orders.append((single.iloc[0], bm25.iloc[0]))
+    return "On each half of the subsets: " + "; ".join(half_order(*o) for o in orders) + "."
+
+
+def half_order(first, second) -> str:
     holds = [a > b for a, b in zip(
         (first.lds_half1, first.lds_half2), (second.lds_half1, second.lds_half2), strict=True
     )]  # fmt: skip
     verdict = {2: "holds on both halves", 1: "holds on one half only", 0: "is reversed on both"}
     return (
-        f"On each half of the subsets: {method_text(first)} {first.lds_half1:.2f} / "
-        f"{first.lds_half2:.2f}, {method_text(second)} {second.lds_half1:.2f} / "
-        f"{second.lds_half2:.2f}: their order {verdict[sum(holds)]}."
+        f"{method_text(first)} {first.lds_half1:.2f} / {first.lds_half2:.2f}, "
+        f"{method_text(second)} {second.lds_half1:.2f} / {second.lds_half2:.2f}: their order "
+        f"{verdict[sum(holds)]}"
     )
 
 
 SUMMARY = [agreement_summary, theory_summary, artifact_summary, retrieval_summary, lds_summary,
-           halves_summary, exclusions_summary]  # fmt: skip
+           single_lds_summary, halves_summary, exclusions_summary]  # fmt: skip
 
 
 RETRIEVAL_NOTE = (
