@@ -163,7 +163,7 @@ OTHER_RUNS = {
     "projection dim": ({"k": 4}, {"projection": {"type": "rademacher", "seed": 42, "dim": 4}}),
     "projection seed": ({}, {"projection": {"type": "rademacher", "seed": 7, "dim": 8}}),
     "modules": ({}, {"modules": [{"name": "other"}]}),
-    "train manifest sha256": ({"scale": 2.0}, {}),  # the same header, other vectors
+    "train shards sha256": ({"scale": 2.0}, {}),  # the same header, other vectors
 }
 
 
@@ -194,7 +194,7 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
         return user_error_line(main, argv, capsys)
 
     assert "needs projected vectors" in refused(ragged, "--precondition", "gram")
-    assert "--damping must be positive" in refused(
+    assert "--damping 0: use a value from 1e-08 to 1e+06" in refused(
         plain, "--precondition", "gram", "--damping", "0"
     )
     assert "only used with --precondition" in refused(plain, "--curvature", "x")
