@@ -99,6 +99,8 @@ class ScoreConfig:
             if not ok:
                 raise UserError(message)
         curvature.check_options(self.damping, self.curvature)
+        if self.output is not None:  # before the lock file beside it is made
+            store.check_output(self.output, "--output", directory=True)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but no CUDA device is visible")
 

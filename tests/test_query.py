@@ -87,7 +87,7 @@ def test_json_output_round_trips_and_carries_the_train_texts(tiny_study, capsys)
 
 def test_table_reads_stdin_and_lists_both_kinds(tiny_study, capsys, monkeypatch):
     line = json.dumps(tiny_study["test_rows"][0]) + "\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO(line))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(line.encode())))
     train = str(tiny_study["train", "full"])
     argv = ["query", "--train", train, "--messages", "-", "--func", "dot"]
     assert main(argv) == 0
