@@ -362,23 +362,25 @@ def test_a_fifo_as_an_output_path_is_refused_and_kept(tmp_path, capsys, option):
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
-def damage(path, change) -> None:
-    """Rewrite a curvature file's tensors through `change`, keeping its metadata (checksum)."""
+def damage(path, name: str, change) -> None:
+    """Replace tensor `name` of a curvature file by `change(it)`, keeping the metadata (and so
+    the checksum it records)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    change(tensors)
+    tensors[name] = change(tensors[name])
     save_file(tensors, str(path), metadata=metadata)
 
 
-DAMAGE = {
-    "eigenvector bits flipped": lambda t: (
-        t["eigenvectors"].view(torch.int64)[0, :3].__ixor__(1 << 62)
+DAMAGE = {  # what is damaged, and how
+    "eigenvector bits flipped": (
+        "eigenvectors",
+        lambda v: (v.view(torch.int64) ^ (1 << 62)).view(torch.float64),
     ),
-    "negative eigenvalue": lambda t: t["eigenvalues"][0, -1].mul_(-1),
-    "NaN eigenvalue": lambda t: t["eigenvalues"][0, 0].fill_(float("nan")),
+    "negative eigenvalues": ("eigenvalues", lambda v: -v),
+    "NaN eigenvalue": ("eigenvalues", lambda v: v.where(v != v.max(), float("nan"))),
 }
 
 
@@ -387,7 +389,7 @@ def test_a_damaged_curvature_file_is_refused(tmp_path, capsys, kind):
     train = golden_run(tmp_path, "params_kronecker_4x8", "train")
     stored = train / "curvature" / "gram.safetensors"
     score(train, train, tmp_path / "first")
-    damage(stored, DAMAGE[kind])
+    damage(stored, *DAMAGE[kind])
     argv = ["--train", str(train), "--test", str(train), "--output", str(tmp_path / "out" / "s"),
             "--precondition", "gram"]  # fmt: skip
     line = refused_line(argv, capsys, train)
