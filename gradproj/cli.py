@@ -163,7 +163,9 @@ SCORE_OPTIONS = {
         "projected input and output-gradient covariances; reads the model once more); see "
         "docs/scoring.md",
     ),
-    "damping": dict(help="lambda as a multiple of each block's mean eigenvalue of G"),
+    "damping": dict(
+        help="lambda as a multiple of each block's mean eigenvalue of G, from 1e-8 to 1e6"
+    ),
     "curvature": dict(
         help="the factorization file: read if it exists (it must be the train run's), else "
         "computed and written there (default: <train run>/curvature/<precondition>.safetensors)"

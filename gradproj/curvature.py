@@ -32,10 +32,16 @@ from safetensors import safe_open
 from gradproj import store
 from gradproj.errors import UserError
 
-CURVATURE_FORMAT = "gradproj-curvature/1"
+CURVATURE_FORMAT = "gradproj-curvature/2"  # 2: a content checksum; the train shards' hash
 KINDS = ("gram", "kfac")
 COMPUTE = torch.float64
 DEFAULT_DAMPING = 1.0  # lambda = 1 x the block's mean eigenvalue
+# The --damping range. Below it lambda is smaller than the rounding error of a large block's
+# eigenvalues (1e-16 of the largest, which is up to k times the mean), so the whitening would
+# scale noise, and near 1e-300 it overflows; above it the whitening barely changes the ranking
+# (every score is about the plain one over lambda: use --precondition none), and near 1e300 the
+# scores underflow fp32 to 0.
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e6
 # Largest rank of one block's factorization (its k x r eigenvectors and the Gram or kernel
 # whose eigh gives them, fp64): 2 x 512 MiB for a block of 8192 coordinates.
 MAX_RANK = 8192
@@ -86,7 +92,7 @@ def run_fields(run: store.Run) -> dict:
         "projection seed": projection.get("seed"),
         "modules": [m["name"] for m in manifest.get("modules") or []],
         "examples": len(manifest.get("examples") or []),
-        "train manifest sha256": store.file_sha256(run.path / store.MANIFEST),
+        "train shards sha256": store.shards_sha256(manifest),
     }
 
 
@@ -207,7 +213,7 @@ def compute_kfac(run: store.Run, device: str) -> Curvature:
     examples are tokenized and batched as its extraction did (the manifest's options)."""
     k_out, k_in = kronecker_dims(run)
     blocks = vector_blocks(run.manifest, len(run.manifest["modules"]) * k_out * k_in)
-    sums, tokens = _factor_sums(run, device, k_out, k_in)
+    sums, tokens = _factor_sums(run, extraction_options(run), device, k_out, k_in)
     tensors = {}
     for side, total in sums.items():
         values, vectors = torch.linalg.eigh(total / max(tokens, 1))
@@ -223,18 +229,31 @@ def compute_kfac(run: store.Run, device: str) -> Curvature:
     return Curvature("kfac", blocks, tensors, info)
 
 
-def _factor_sums(run: store.Run, device: str, k_out: int, k_in: int):
+def extraction_options(run: store.Run) -> dict:
+    """The options kfac reads the model and the dataset with: the extraction's, as its
+    manifest records them (shards do not, so a manifest rebuilt from them lacks them)."""
+    options = run.manifest.get("options")
+    if not isinstance(options, dict):
+        raise UserError(
+            f"--precondition kfac reads the model again with the extraction's options, which "
+            f"{run.path / store.MANIFEST} does not record (rebuilt by gradproj merge from the "
+            "shards, which do not carry them); give the run's kfac file computed before "
+            "(--curvature), restore the extraction's manifest, or use --precondition gram"
+        )
+    return options
+
+
+def _factor_sums(run: store.Run, options: dict, device: str, k_out: int, k_in: int):
     from tqdm import tqdm
 
     from gradproj import data, gradients, models  # the model: only kfac needs it
     from gradproj.targets.params import Layer, layer_projection
 
-    options = run.manifest["options"]
     checkpoint = models.resolve_checkpoint(options["model"], options["checkpoint_nr"])
     tokenizer = models.load_tokenizer(checkpoint)
+    examples = _run_examples(run, tokenizer, options)  # checked before the model loads
     dtype = models.resolve_dtype(options["dtype"], device)
     model = models.load_model(checkpoint, options["paradigm"], dtype, device)
-    examples = _run_examples(run, tokenizer, options)
     named = dict(model.named_modules())
     modules = [(m["name"], named[m["name"]]) for m in run.manifest["modules"]]
     seed, dim = run.manifest["projection"]["seed"], run.manifest["projection"]["dim"]
@@ -275,24 +294,34 @@ def _factor_sums(run: store.Run, device: str, k_out: int, k_in: int):
 
 
 def _run_examples(run: store.Run, tokenizer, options: dict) -> list:
-    """The run's examples, tokenized as its extraction tokenized them; their ids are checked."""
+    """The run's examples, tokenized as its extraction tokenized them. Each must have the id,
+    token count and loss-token count the run recorded: the run holds no hash of its examples'
+    text, so an edit that keeps every count is not seen."""
     from gradproj import data
 
-    rows, first_row = data.load_rows(options["dataset"], options["dataset_split"])
+    dataset, paradigm = options["dataset"], options["paradigm"]
+    rows, first_row = data.load_rows(dataset, options["dataset_split"])
     examples = []
     for entry in run.manifest["examples"]:
         row = rows[entry["index"] - first_row]
         ex = data.tokenize(
-            tokenizer, row, entry["index"], options["paradigm"], options["max_seq_length"],
+            tokenizer, row, entry["index"], paradigm, options["max_seq_length"],
             str(options["checkpoint_nr"]),
         )  # fmt: skip
-        if ex.id != entry["id"]:
+        now = (ex.id, ex.length, data.label_positions(ex, paradigm))
+        then = (entry["id"], entry["tokens"], entry["label_tokens"])
+        if now != then:
             raise UserError(
-                f"row {entry['index']} of {options['dataset']} is {ex.id!r}, but the run has "
-                f"{entry['id']!r}: the dataset changed since the extraction; re-extract"
+                f"row {entry['index']} of {dataset} is {describe(*now)}, but the run's "
+                f"extraction read {describe(*then)} there: the dataset changed since, and kfac "
+                "reads it again; restore the extraction's dataset or re-extract the run"
             )
         examples.append(ex)
     return examples
+
+
+def describe(example_id: str, tokens: int, label_tokens: int) -> str:
+    return f"{example_id!r} of {tokens} tokens ({label_tokens} in the loss)"
 
 
 # --- The file ---
@@ -305,6 +334,7 @@ def save(curvature: Curvature, path: Path) -> None:
         "kind": curvature.kind,
         "modules": list(curvature.blocks.names),
         "block_dim": curvature.blocks.k,
+        "content_sha256": store.content_sha256(tensors),
         **curvature.info,
     }
     store.write_safetensors(tensors, path, info)
@@ -321,6 +351,11 @@ def load(path: Path) -> Curvature:
         raise UserError(
             f"--curvature {path} has format {info.get('format')!r}, not {CURVATURE_FORMAT}; "
             "delete it to recompute it"
+        )
+    if store.content_sha256(tensors) != info.pop("content_sha256", None):
+        raise UserError(
+            f"--curvature {path} is damaged: its tensors do not match the checksum it records; "
+            "delete it, and the next scoring recomputes it"
         )
     blocks = Blocks(tuple(info.pop("modules")), info.pop("block_dim"))
     kind = info.pop("kind")
@@ -348,6 +383,7 @@ def check_belongs(curvature: Curvature, kind: str, run: store.Run, path: Path) -
 def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curvature:
     """The stored factorization of `run` at `path`, checked; else computed and stored there."""
     check_supported(run)
+    store.check_output(path, "--curvature")
     if path.is_file():
         curvature = load(path)
         check_belongs(curvature, kind, run, path)
@@ -377,6 +413,19 @@ def default_path(train_run: Path, kind: str) -> Path:
 
 
 # --- Applying it ---
+
+
+def check_options(damping: float, path: str | None) -> None:
+    """Refuse, before any work, a --damping outside [MIN_DAMPING, MAX_DAMPING] (inf and NaN
+    too) and a --curvature path that a write would replace though not a regular file."""
+    if path is not None:
+        store.check_output(path, "--curvature")
+    if not MIN_DAMPING <= damping <= MAX_DAMPING:
+        raise UserError(
+            f"--damping {damping:g}: use a value from {MIN_DAMPING:g} to {MAX_DAMPING:g}, a "
+            "multiple of each block's mean eigenvalue (below, the whitening scales rounding "
+            "noise; above, it only divides the plain scores)"
+        )
 
 
 def damping_values(curvature: Curvature, damping: float) -> torch.Tensor:

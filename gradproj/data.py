@@ -157,13 +157,22 @@ def json_problem(path: Path) -> str | None:
                 return f"{path} line {number}: not valid JSON ({err.msg}, column {err.colno})"
             if not isinstance(value, dict):
                 return f"{path} line {number}: {_kind(value)}, not a JSON object (one row per line)"
-            try:
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as err:
-                return (
-                    f"{path} line {number}: a string holds an unpaired surrogate "
-                    f"({err.object[err.start : err.end]!a}), which is not valid Unicode text"
-                )
+            if problem := surrogate_problem(value):
+                return f"{path} line {number}: {problem}"
+    return None
+
+
+def surrogate_problem(value) -> str | None:
+    """Why a parsed JSON value is not valid Unicode text, or None: a JSON escape such as
+    \\ud800 (or a command-line argument that is not UTF-8) makes an unpaired surrogate, which
+    no tokenizer or UTF-8 output can take."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"a string holds an unpaired surrogate ({err.object[err.start : err.end]!a}), "
+            "which is not valid Unicode text"
+        )
     return None
 
 

@@ -90,7 +90,6 @@ class ScoreConfig:
                 self.precondition in PRECONDITIONERS,
                 f"--precondition {self.precondition!r}: use {', '.join(PRECONDITIONERS)}",
             ),
-            (self.damping > 0, "--damping must be positive (a multiple of the mean eigenvalue)"),
             (
                 self.curvature is None or self.precondition != "none",
                 "--curvature is only used with --precondition",
@@ -99,6 +98,9 @@ class ScoreConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        curvature.check_options(self.damping, self.curvature)
+        if self.output is not None:  # before the lock file beside it is made
+            store.check_output(self.output, "--output", directory=True)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but no CUDA device is visible")
 

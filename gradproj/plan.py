@@ -174,6 +174,7 @@ class PlanConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.rates = device_rates(self)  # reads --calibration: refused before any work
 
 
 @dataclass
@@ -326,9 +327,14 @@ def estimated_rates(gpu: str) -> dict[str, Rate]:
 def read_results_table(path: Path) -> list[dict]:
     """The rows of a bench/gpu_all.sh results table (RESULTS_COLUMNS), any other lines skipped."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UserError(f"--calibration {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"--calibration {path}: not UTF-8 text (byte offset {err.start}); give the "
+            "gpu_results.md that bench/gpu_all.sh wrote"
+        ) from None
     rows = []
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -440,7 +446,7 @@ def plan(cfg: PlanConfig) -> dict:
     flops = sum(gradient_flops(shape.params, shape.layers, shape.hidden_size, t) for t in tokens)
     outputs = [d if d == "full" else (t, d) for t in cfg.types for d in cfg.dims]
     outputs = list(dict.fromkeys(outputs))
-    rates = device_rates(cfg)
+    rates = cfg.rates
     projection = {
         out: projection_seconds(rates, out[0], coordinates, out[1])
         for out in outputs

@@ -68,7 +68,6 @@ class QueryConfig:
                 f"--precondition {self.precondition!r}: use "
                 + ", ".join(influence.PRECONDITIONERS),
             ),
-            (self.damping > 0, "--damping must be positive (a multiple of the mean eigenvalue)"),
             (self.format in FORMATS, f"--format {self.format!r}: use table or json"),
             (
                 self.func in influence.FUNC_CHOICES,
@@ -78,6 +77,7 @@ class QueryConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        curvature.check_options(self.damping, self.curvature)
 
     @property
     def functions(self) -> tuple[str, ...]:
@@ -97,6 +97,8 @@ def read_queries(cfg: QueryConfig, paradigm: str) -> list[dict]:
         where = "stdin" if cfg.messages == "-" else cfg.messages
         rows = parse_jsonl(read_text(cfg.messages), where)
     for n, row in enumerate(rows):
+        if problem := data.surrogate_problem(row):
+            raise UserError(f"{where} query {n + 1}: {problem}")
         problem = data.row_problem(row, paradigm)
         if problem:
             raise UserError(f"{where} query {n + 1}: {problem}; give rows like the train dataset's")
@@ -109,17 +111,25 @@ def read_queries(cfg: QueryConfig, paradigm: str) -> list[dict]:
 
 
 def read_text(source: str) -> str:
-    if source == "-":
-        return sys.stdin.read()
+    """The file (stdin for -) as UTF-8 text, whatever the locale, or a one-line error."""
     try:
-        return Path(source).read_text(encoding="utf-8")
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as err:
         raise UserError(f"--messages {source}: cannot read it ({err.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"--messages {source}: not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
 
 
 def parse_jsonl(text: str, where: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSON lines end at "\n" only: splitlines() would also split inside strings that hold
+    # U+2028, U+0085 and the like, which JSON allows raw
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -292,7 +302,7 @@ def format_table(results: list[dict], functions: tuple[str, ...]) -> str:
     lines = []
     for result in results:
         asked = one_line(result["text"], 2 * TABLE_TEXT_CHARS)
-        lines.append(f"query {result['query_id']}: {asked}")
+        lines.append(f"query {printable(result['query_id'])}: {asked}")
         lines.append(f"  scored by {result['method']}{PLAIN_HINT[result['precondition']]}")
         for name in functions:
             for kind in ("proponents", "opponents"):
@@ -301,7 +311,7 @@ def format_table(results: list[dict], functions: tuple[str, ...]) -> str:
                 for e in result[name][kind]:
                     lines.append(
                         f"  {e['rank']:>6} {score_text(e, 'dot'):>12} "
-                        f"{score_text(e, 'cosine'):>9}  {e['id']:<14} "
+                        f"{score_text(e, 'cosine'):>9}  {printable(e['id']):<14} "
                         f"{one_line(e['text'], TABLE_TEXT_CHARS)}"
                     )
         lines.append("")
@@ -319,7 +329,7 @@ def score_text(e: dict, name: str) -> str:
 
 
 def one_line(text: str, width: int) -> str:
-    flat = " ".join(text.split())
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
@@ -337,6 +347,12 @@ def scoring_label(cfg: QueryConfig, train: store.Run) -> str:
     """What the scores are, as the analysis labels them (`params kronecker_16x16 · gram`)."""
     modules = len(train.manifest.get("modules") or []) or None
     return scoredir.scoring_label(train.manifest, modules, cfg.precondition, cfg.damping)
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable escaped (ESC as `\\x1b`, U+202E as
+    `\\u202e`): the table goes to a terminal, which such characters would drive."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def run_query(cfg: QueryConfig) -> list[dict]:

@@ -89,6 +89,7 @@ class RetrainConfig:
                 raise UserError(message)
         if self.output.suffix != ".safetensors":
             raise UserError(f"--output {self.output}: name a .safetensors file")
+        store.check_output(self.output, "--output")
         return self
 
     def settings(self) -> dict:

@@ -115,8 +115,7 @@ def write_mapped(
 
 def check_replaceable(out: Path) -> None:
     """A score directory is replaced whole: refuse one that holds anything but a scoring."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; give a directory")
+    store.check_output(out, "--output", directory=True)
     if out.is_dir() and any(out.iterdir()) and not is_score_dir(out):
         raise UserError(
             f"--output {out} holds files that are not the output of gradproj score "

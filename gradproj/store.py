@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+# What an output path that exists must be: the atomic writes replace it, so anything else (a FIFO,
+# a device) would be replaced by a regular file.
+FILE_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def check_output(path: str | Path, option: str, directory: bool = False) -> None:
+    """Refuse an output path that exists as something other than what is written there (a
+    regular file, or a directory when `directory`), before any work: a write would replace it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing (or unreachable: the write says why)
+        return
+    wanted = stat.S_IFDIR if directory else stat.S_IFREG
+    if stat.S_IFMT(mode) != wanted:
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise UserError(
+            f"{option} {path} is {kind}, where gradproj writes {FILE_KINDS[wanted]} (it "
+            "would replace it); give another path"
+        )
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
@@ -99,6 +128,14 @@ def examples_sha256(manifest: dict) -> str:
     """The hash of a run's examples: the (dataset row, id) of each, kept or skipped."""
     held = sorted((e.get("index", -1), e["id"]) for e in manifest["examples"] + manifest["skipped"])
     return hashlib.sha256(json.dumps(held).encode()).hexdigest()
+
+
+def shards_sha256(manifest: dict) -> str:
+    """The hash of a run's listed shards (file names and checksums): it names the stored
+    vectors, and, unlike the manifest's own checksum, a merge that rewrites the manifest keeps
+    it."""
+    listed = [(s["file"], s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
 
 def shard_name(start: int, end: int) -> str:

@@ -217,3 +217,18 @@ def tiny_study(tiny_llama, tmp_path_factory) -> dict:
         out = root / "scores" / variant
         study["scores", variant] = score(runs["train"][variant], runs["test"][variant], out)
     return study
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every path below `roots` with its type and, for a regular file, its bytes' hash (special
+    files are never opened): equal snapshots mean nothing there was changed."""
+    import hashlib
+    import stat
+
+    seen = {}
+    for root in roots:
+        for path in [Path(root), *sorted(Path(root).rglob("*"))]:
+            mode = path.lstat().st_mode
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(mode) else ""
+            seen[str(path)] = (stat.S_IFMT(mode), digest)
+    return seen

@@ -1,7 +1,11 @@
 """gradproj score --precondition gram against numpy.linalg.solve, and the factorization file."""
 
 import json
+import os
+import re
 import shutil
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import torch
 from gradproj import curvature, store
 from gradproj.cli import extract_main
 from gradproj.cli import score_main as main
-from tests.conftest import conversations, user_error_line, write_jsonl
+from tests.conftest import conversations, snapshot, user_error_line, write_jsonl
 from tests.test_golden import EXPECTED
 from tests.test_influence import read_scores, synthetic_run
 
@@ -163,7 +167,7 @@ OTHER_RUNS = {
     "projection dim": ({"k": 4}, {"projection": {"type": "rademacher", "seed": 42, "dim": 4}}),
     "projection seed": ({}, {"projection": {"type": "rademacher", "seed": 7, "dim": 8}}),
     "modules": ({}, {"modules": [{"name": "other"}]}),
-    "train manifest sha256": ({"scale": 2.0}, {}),  # the same header, other vectors
+    "train shards sha256": ({"scale": 2.0}, {}),  # the same header, other vectors
 }
 
 
@@ -194,7 +198,7 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
         return user_error_line(main, argv, capsys)
 
     assert "needs projected vectors" in refused(ragged, "--precondition", "gram")
-    assert "--damping must be positive" in refused(
+    assert "--damping 0: use a value from 1e-08 to 1e+06" in refused(
         plain, "--precondition", "gram", "--damping", "0"
     )
     assert "only used with --precondition" in refused(plain, "--curvature", "x")
@@ -328,3 +332,134 @@ def test_kfac_is_refused_for_other_runs(tmp_path, capsys):
             "--precondition", "kfac"]  # fmt: skip
     line = user_error_line(main, argv, capsys)
     assert "kfac needs a params run projected by kronecker" in line
+
+
+# --- Issue 30: hostile output paths, damaged files, damping, edited data, merged runs ---
+
+
+def refused_line(argv, capsys, *roots) -> str:
+    """The one error line of a scoring refused with exit 2 and no traceback, having changed
+    nothing below `roots` (its inputs; a refusal after the output's lock was taken leaves the
+    lock file beside the output)."""
+    before = snapshot(*roots)
+    line = user_error_line(main, argv, capsys)
+    assert snapshot(*roots) == before
+    return line
+
+
+@pytest.mark.parametrize("option", ["--curvature", "--output"])
+def test_a_fifo_as_an_output_path_is_refused_and_kept(tmp_path, capsys, option):
+    train = golden_run(tmp_path, "rademacher_64", "train")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    paths = {"--curvature": tmp_path / "s", "--output": fifo}
+    argv = ["--train", str(train), "--test", str(train), "--precondition", "gram",
+            "--output", str(paths["--output"])]  # fmt: skip
+    if option == "--curvature":
+        argv += ["--curvature", str(fifo)]
+    line = refused_line(argv, capsys, tmp_path)
+    assert line.startswith(f"error: {option} {fifo} is a named pipe (FIFO), where gradproj ")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def damage(path, name: str, change) -> None:
+    """Replace tensor `name` of a curvature file by `change(it)`, keeping the metadata (and so
+    the checksum it records)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path), metadata=metadata)
+
+
+DAMAGE = {  # what is damaged, and how
+    "eigenvector bits flipped": (
+        "eigenvectors",
+        lambda v: (v.view(torch.int64) ^ (1 << 62)).view(torch.float64),
+    ),
+    "negative eigenvalues": ("eigenvalues", lambda v: -v),
+    "NaN eigenvalue": ("eigenvalues", lambda v: v.where(v != v.max(), float("nan"))),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_curvature_file_is_refused(tmp_path, capsys, kind):
+    train = golden_run(tmp_path, "params_kronecker_4x8", "train")
+    stored = train / "curvature" / "gram.safetensors"
+    score(train, train, tmp_path / "first")
+    damage(stored, *DAMAGE[kind])
+    argv = ["--train", str(train), "--test", str(train), "--output", str(tmp_path / "out" / "s"),
+            "--precondition", "gram"]  # fmt: skip
+    line = refused_line(argv, capsys, train)
+    assert line == (
+        f"error: --curvature {stored} is damaged: its tensors do not match the checksum it "
+        "records; delete it, and the next scoring recomputes it"
+    )
+    stored.unlink()
+    assert main(argv) == 0  # recomputed
+
+
+@pytest.mark.parametrize("damping", ["1e300", "1e-300", "inf", "nan", "-1", "1e-9", "2e6"])
+def test_a_damping_outside_its_range_is_refused_naming_the_option(tmp_path, capsys, damping):
+    train = golden_run(tmp_path, "rademacher_64", "train")
+    argv = ["--train", str(train), "--test", str(train), "--output", str(tmp_path / "s"),
+            "--precondition", "gram", "--damping", damping]  # fmt: skip
+    line = refused_line(argv, capsys, tmp_path)
+    assert line.startswith(f"error: --damping {float(damping):g}: use a value from 1e-08 to 1e+06")
+
+
+@pytest.mark.parametrize("damping", ["1e-8", "1e6"])
+def test_the_ends_of_the_damping_range_give_finite_scores_that_rank(tmp_path, damping):
+    train = golden_run(tmp_path, "rademacher_64", "train")
+    test = golden_run(tmp_path, "rademacher_64", "test")
+    scores = score(train, test, tmp_path / "s", "--damping", damping)
+    for matrix in scores.values():
+        assert torch.isfinite(matrix).all() and (matrix != 0).all()
+        assert len(set(matrix.flatten().tolist())) == matrix.numel()  # no ties: a ranking
+
+
+def test_kfac_refuses_a_train_dataset_edited_since_the_extraction(params_runs, tmp_path, capsys):
+    train = shutil.copytree(params_runs["train"], tmp_path / "train")
+    manifest = json.loads((train / "manifest.json").read_text())
+    rows = [json.loads(x) for x in Path(manifest["options"]["dataset"]).read_text().splitlines()]
+    rows[1]["messages"][1]["content"] += " And a few more words."  # same id, other text
+    manifest["options"]["dataset"] = str(write_jsonl(tmp_path / "edited.jsonl", rows))
+    (train / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--train", str(train), "--test", str(params_runs["test"]), "--output",
+            str(tmp_path / "out" / "s"), "--precondition", "kfac"]  # fmt: skip
+    inputs = [*train.glob("*.*"), tmp_path / "edited.jsonl", params_runs["test"]]
+    line = refused_line(argv, capsys, *inputs)
+    assert not list(train.glob("curvature/*"))  # nothing computed, nothing stored
+    assert re.fullmatch(
+        rf"error: row 1 of {re.escape(str(tmp_path))}/edited.jsonl is 'ex_001' of \d+ tokens "
+        r"\(\d+ in the loss\), but the run's extraction read 'ex_001' of \d+ tokens \(\d+ in the "
+        r"loss\) there: the dataset changed since, and kfac reads it again; restore the "
+        "extraction's dataset or re-extract the run",
+        line,
+    )
+
+
+def test_kfac_after_merge_equals_kfac_before_it(params_runs, tmp_path, capsys):
+    """A manifest rebuilt by merge keeps the run's own kfac file valid (the same scores); one
+    rebuilt from the shards lacks the options that recomputing it needs, and kfac says so."""
+    from gradproj.cli import merge_run
+
+    train = shutil.copytree(params_runs["train"], tmp_path / "train")
+    argv = ["--train", str(train), "--test", str(params_runs["test"]), "--precondition", "kfac"]
+
+    def scored(name: str) -> bytes:
+        assert main([*argv, "--output", str(tmp_path / name)]) == 0
+        return (tmp_path / name / "scores.safetensors").read_bytes()
+
+    before = scored("before")
+    assert merge_run(str(train)) == 0
+    assert scored("merged") == before
+    (train / "manifest.json").unlink()
+    assert merge_run(str(train)) == 0
+    assert "options" not in json.loads((train / "manifest.json").read_text())
+    assert scored("rebuilt") == before
+    (train / "curvature" / "kfac.safetensors").unlink()
+    line = refused_line([*argv, "--output", str(tmp_path / "out" / "s")], capsys, train)
+    assert "--precondition kfac reads the model again with the extraction's options" in line

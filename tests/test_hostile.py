@@ -1,7 +1,9 @@
 """Hostile and unusual input (issue 14): every row of its table, with the exact expectation."""
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from gradproj import data, store
 from gradproj.cli import extract_main as main
 from gradproj.errors import run_cli
-from tests.conftest import conversations, write_jsonl
+from tests.conftest import conversations, snapshot, write_jsonl
 
 MAX_LEN = 40
 
@@ -335,3 +337,35 @@ def test_runs_of_different_max_seq_length_are_scored_with_a_warning(tmp_path, ca
         "examples longer than 64 tokens were cut at different lengths; extract both with one "
         "--max_seq_length to compare like with like"
     ) in capsys.readouterr().err
+
+
+# --- issue 30 item 1: an output path that is a FIFO (or a device) is refused, and kept ---
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "written"),
+    [
+        (
+            "retrain",
+            ["--model", "m", "--train_dataset", "a", "--test_dataset", "b"],
+            "a regular file",
+        ),
+        ("compare", ["--reference", "r", "--candidates", "c"], "a directory"),
+    ],
+)
+def test_a_fifo_as_output_is_refused_before_any_work(tmp_path, capsys, command, extra, written):
+    from gradproj.cli import main as gradproj_main
+
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: gradproj_main([command, *extra, "--output", str(fifo)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: --output {fifo} is a named pipe (FIFO), where gradproj writes {written} (it "
+        "would replace it); give another path"
+    )
+    assert snapshot(tmp_path) == before and stat.S_ISFIFO(fifo.lstat().st_mode)

@@ -11,7 +11,7 @@ import pytest
 
 from gradproj import cli
 from gradproj.plan import PlanConfig, plan
-from tests.conftest import user_error_line
+from tests.conftest import snapshot, user_error_line
 
 OLMO = dict(hidden_size=4096, layers=32, params=7.3e9, n_examples=381_000)
 DIMS = "full,8192,16384,204800,2048000"
@@ -250,3 +250,22 @@ def test_calibration_of_another_device_class_is_a_one_line_error(tmp_path, capsy
     assert "measured on cpu: plan with --gpu cpu" in user_error_line(cli.main, argv, capsys)
     table.write_text("no table here\n")
     assert "no 'device kind' row" in user_error_line(cli.main, argv, capsys)
+
+
+def test_a_calibration_that_is_not_utf8_is_refused_before_any_work(
+    tiny_llama, sft_file, tmp_path, capsys, monkeypatch
+):
+    """Issue 30: it was a UnicodeDecodeError after the dataset was tokenized."""
+    table = tmp_path / "gpu_results.md"
+    good = TABLE.format(kind="h200").encode()
+    table.write_bytes(good + "| note | é |\n".encode("latin-1"))
+    monkeypatch.setattr("gradproj.plan.dataset_lengths", lambda cfg: pytest.fail("work began"))
+    before = snapshot(tmp_path)
+    argv = ["plan", "--model", str(tiny_llama), "--dataset", str(sft_file), "--gpu", "h200",
+            "--calibration", str(table)]  # fmt: skip
+    line = user_error_line(cli.main, argv, capsys)
+    assert line == (
+        f"error: --calibration {table}: not UTF-8 text (byte offset {len(good) + 9}); give the "
+        "gpu_results.md that bench/gpu_all.sh wrote"
+    )
+    assert snapshot(tmp_path) == before

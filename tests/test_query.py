@@ -2,13 +2,15 @@
 
 import io
 import json
+import os
+import stat
 
 import pytest
 
 from gradproj.cli import main
-from gradproj.query import QueryConfig, run_query
+from gradproj.query import QueryConfig, format_table, run_query
 from tests.conftest import STUDY_TOP_K as TOP_K
-from tests.conftest import conversations, user_error_line, write_jsonl
+from tests.conftest import conversations, snapshot, user_error_line, write_jsonl
 
 
 def topk_of(score_dir, test_id: str) -> dict:
@@ -131,7 +133,7 @@ def test_json_output_round_trips_and_carries_the_train_texts(tiny_study, capsys)
 
 def test_table_reads_stdin_and_lists_both_kinds(tiny_study, capsys, monkeypatch):
     line = json.dumps(tiny_study["test_rows"][0]) + "\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO(line))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(line.encode())))
     train = str(tiny_study["train", "full"])
     argv = ["query", "--train", train, "--messages", "-", "--func", "dot"]
     assert main(argv) == 0
@@ -199,3 +201,114 @@ def test_a_model_no_longer_reachable_is_refused(tiny_study, tmp_path, capsys):
     argv = ["query", "--train", str(train), "--prompt", "a", "--response", "b"]
     line = user_error_line(main, argv, capsys)
     assert f"model '{tmp_path / 'deleted_model'}': no such directory" in line
+
+
+# --- Issue 30: hostile query input and output ---
+
+
+def refused(argv, capsys, *roots) -> str:
+    """The error line of a query refused with exit 2, no traceback and nothing changed below
+    `roots`, before the model loaded (the queries' extraction is where it loads)."""
+    before = snapshot(*roots)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gradproj.query.extract_queries", loaded_the_model)
+        line = user_error_line(main, ["query", *argv], capsys)
+    assert snapshot(*roots) == before
+    return line
+
+
+def loaded_the_model(*args):
+    raise AssertionError("the query was not refused before the model loads")
+
+
+def test_a_fifo_as_curvature_is_refused_and_kept(tiny_study, tmp_path, capsys):
+    train = tiny_study["train", "rademacher_16"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    argv = ["--train", str(train), "--prompt", "a", "--response", "b", "--precondition", "gram",
+            "--curvature", str(fifo)]  # fmt: skip
+    line = refused(argv, capsys, tmp_path, train)
+    assert line.startswith(f"error: --curvature {fifo} is a named pipe (FIFO), where gradproj ")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@pytest.mark.parametrize("damping", ["1e300", "1e-300", "inf"])
+def test_a_damping_outside_its_range_is_refused(tiny_study, tmp_path, capsys, damping):
+    train = tiny_study["train", "rademacher_16"]
+    argv = ["--train", str(train), "--prompt", "a", "--response", "b", "--precondition", "gram",
+            "--damping", damping]  # fmt: skip
+    line = refused(argv, capsys, train)
+    assert line.startswith(f"error: --damping {float(damping):g}: use a value from 1e-08 to 1e+06")
+
+
+def latin1(row: dict) -> bytes:
+    return json.dumps(row, ensure_ascii=False).encode("latin-1") + b"\n"
+
+
+MESSAGES = {  # file bytes -> the error
+    "latin-1": (
+        latin1({"messages": [{"role": "user", "content": "café"},
+                             {"role": "assistant", "content": "oui"}]}),
+        "--messages {file}: not UTF-8 text (byte 0xe9 at offset 46); save it as UTF-8",
+    ),
+    "binary": (
+        bytes(range(256)),
+        "--messages {file}: not UTF-8 text (byte 0x80 at offset 128); save it as UTF-8",
+    ),
+    "lone surrogate": (
+        b'{"messages": [{"role": "user", "content": "half \\ud800"}, '
+        b'{"role": "assistant", "content": "x"}]}\n',
+        "{file} query 1: a string holds an unpaired surrogate ('\\ud800'), which is not valid "
+        "Unicode text",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MESSAGES)
+def test_messages_that_are_not_unicode_text_are_refused(tiny_study, tmp_path, capsys, case):
+    content, expected = MESSAGES[case]
+    messages = tmp_path / "q.jsonl"
+    messages.write_bytes(content)
+    train = tiny_study["train", "rademacher_16"]
+    line = refused(["--train", str(train), "--messages", str(messages)], capsys, tmp_path, train)
+    assert line == "error: " + expected.format(file=messages)
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(tiny_study, capsys):
+    train = tiny_study["train", "rademacher_16"]
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # as Python decodes such an argv
+    line = refused(["--train", str(train), "--prompt", prompt, "--response", "b"], capsys, train)
+    assert "query 1: a string holds an unpaired surrogate ('\\udce9')" in line
+
+
+def test_raw_line_separators_and_control_characters_are_text_escaped_in_the_table(
+    tiny_study, tmp_path, capsys
+):
+    """U+2028 and U+0085 are valid raw in a JSON string; the table escapes ESC and the like."""
+    rows = [
+        {"id": "q_\x1b]0;title\x07", "messages": [
+            {"role": "user", "content": "What is\u2028the capital\x1b[2J of France?"},
+            {"role": "assistant", "content": "Paris.\u0085\x1b[31mRed"}]},
+    ]  # fmt: skip
+    messages = tmp_path / "q.jsonl"
+    messages.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert "\u2028" in messages.read_text() and len(messages.read_text().splitlines()) > 1
+    train = str(tiny_study["train", "rademacher_16"])
+    before = snapshot(tmp_path, tiny_study["train", "rademacher_16"])
+    assert main(["query", "--train", train, "--messages", str(messages), "--top_k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert snapshot(tmp_path, tiny_study["train", "rademacher_16"]) == before
+    assert out.startswith("query q_\\x1b]0;title\\x07: What is the capital\\x1b[2J of France? ")
+    assert "Paris. \\x1b[31mRed" in out
+    assert all(c.isprintable() for line in out.splitlines() for c in line)
+    assert main(["query", "--train", train, "--messages", str(messages), "--format", "json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["messages"] == rows[0]["messages"] and result["query_id"] == rows[0]["id"]
+
+
+def test_table_escapes_control_characters_of_train_ids_and_texts():
+    entry = {"rank": 1, "id": "t\x1b[1m", "dot": 1.0, "cosine": 0.5, "text": "a\x9bb\x00c\u202ed"}
+    results = [{"query_id": "q", "text": "x", "dot": {"proponents": [entry], "opponents": []}}]
+    table = format_table(results, ("dot",))
+    assert "t\\x1b[1m" in table and "a\\x9bb\\x00c\\u202ed" in table
+    assert all(c.isprintable() for line in table.splitlines() for c in line)

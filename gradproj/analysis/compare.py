@@ -58,6 +58,7 @@ class CompareConfig:
             raise UserError("--reference and --candidates must be distinct directories")
         if self.output.resolve() in resolved:
             raise UserError(f"--output {self.output} is an input directory; choose another")
+        store.check_output(self.output, "--output", directory=True)
         for name in ("n_permutations", "n_bootstrap"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")
