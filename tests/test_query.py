@@ -308,7 +308,8 @@ def test_raw_line_separators_and_control_characters_are_text_escaped_in_the_tabl
 
 def test_table_escapes_control_characters_of_train_ids_and_texts():
     entry = {"rank": 1, "id": "t\x1b[1m", "dot": 1.0, "cosine": 0.5, "text": "a\x9bb\x00c\u202ed"}
-    results = [{"query_id": "q", "text": "x", "dot": {"proponents": [entry], "opponents": []}}]
+    results = [{"query_id": "q", "text": "x", "method": "m", "precondition": "none",
+                "dot": {"proponents": [entry], "opponents": []}}]  # fmt: skip
     table = format_table(results, ("dot",))
     assert "t\\x1b[1m" in table and "a\\x9bb\\x00c\\u202ed" in table
     assert all(c.isprintable() for line in table.splitlines() for c in line)
