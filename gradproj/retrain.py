@@ -228,16 +228,22 @@ def data_difference(recorded: dict, record: dict) -> str | None:
     """The first difference between recorded examples and those of `record`, in words, or None.
     A record without hashes (a finished file of an older gradproj) is compared by its ids."""
     for side in ("train", "test"):
-        before, now = recorded.get(f"{side}_ids"), record[f"{side}_ids"]
+        before, hashes = recorded.get(f"{side}_ids"), recorded.get(f"{side}_sha256", [])
         if before is None:
-            return f"no {side} ids are recorded (an older gradproj wrote it)"
+            return f"no {side} ids are recorded: an older gradproj wrote it"
+        if not (is_text_list(before) and is_text_list(hashes) and len(hashes) in (0, len(before))):
+            return f"its record of the {side} examples is not readable"
+        now, current = record[f"{side}_ids"], record[f"{side}_sha256"]
         if before != now:
             return ids_difference(side, before, now)
-        hashes, current = recorded.get(f"{side}_sha256"), record[f"{side}_sha256"]
-        if hashes is not None and hashes != current:
-            changed = next(i for i, h in enumerate(current) if i >= len(hashes) or hashes[i] != h)
-            return f"{side} example {now[changed]!r} changed (its tokens or labels)"
+        if hashes and hashes != current:
+            k = next(k for k, (a, b) in enumerate(zip(hashes, current, strict=True)) if a != b)
+            return f"{side} example {now[k]!r} changed (its tokens or labels)"
     return None
+
+
+def is_text_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
 
 
 def ids_difference(side: str, before: list[str], now: list[str]) -> str:
@@ -452,8 +458,8 @@ def join_parts(parts: Path, settings: dict, record: dict) -> None:
         make_parts(parts, settings | {"examples": record})
     try:
         before = json.loads((parts / SETTINGS_FILE).read_text())
-        examples = before.pop("examples", {})
-    except (OSError, ValueError, AttributeError):
+        examples = dict(before.pop("examples", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
         raise UserError(
             f"{parts} has no readable {SETTINGS_FILE}, so nothing says which run its parts "
             "belong to (a crash of an older gradproj leaves such a directory); remove it and rerun"
