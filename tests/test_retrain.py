@@ -51,6 +51,15 @@ def files(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+def refused(argv: list[str], capsys, *watched) -> str:
+    """The one error line of `gradproj retrain` (exit 2, no traceback); the files under each
+    watched folder (the data, a killed run's parts) are as they were."""
+    before = [files(folder) for folder in watched]
+    line = user_error_line(main, argv, capsys)
+    assert [files(folder) for folder in watched] == before
+    return line
+
+
 def kill_on_the_third_subset(cfg: RetrainConfig, monkeypatch) -> None:
     """Run `cfg` and kill it (KeyboardInterrupt) as its third subset trains: two are written."""
     trained = retrain.train_subset
@@ -170,7 +179,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
     train, test = own_data
     out = tmp_path / "out" / "gt.safetensors"
     kill_on_the_third_subset(config(tiny_llama, own_data, out), monkeypatch)
-    parts, rows = files(out.parent), read_rows(train)
+    rows = read_rows(train)
     edited = [dict(r) for r in rows]
     edited[3]["messages"] = [*rows[3]["messages"][:-1], {"role": "assistant", "content": "No."}]
     for changed, words in ((edited, "train example 'ex_003' changed (its tokens or labels)"),
@@ -178,9 +187,9 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
                             "the train examples are in another order (position 0 holds "
                             "'ex_001', was 'ex_000')")):  # fmt: skip
         write_jsonl(train, changed)
-        line = user_error_line(main, cli_args(tiny_llama, train, test, out), capsys)
+        line = refused(cli_args(tiny_llama, train, test, out), capsys, train.parent, out.parent)
         assert "holds the parts of a run on other examples" in line and words in line
-        assert files(out.parent) == parts and not out.exists()
+        assert not out.exists()
     # the prefix states record their examples too (a file copied from another run is refused)
     record = retrain.examples_record([], [])
     with pytest.raises(UserError, match="holds the prefix states of other examples"):
@@ -197,7 +206,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
         == retrain.examples_record(*tokenized(tiny_llama, own_data))["train_sha256"]
     )
     write_jsonl(train, edited)
-    line = user_error_line(main, cli_args(tiny_llama, train, test, out), capsys)
+    line = refused(cli_args(tiny_llama, train, test, out), capsys, train.parent, out.parent)
     assert "exists and was computed on other examples (train example 'ex_003' changed" in line
     assert out.read_bytes() == fresh.read_bytes()
 
@@ -228,13 +237,11 @@ def test_a_resumed_run_over_a_test_set_of_other_rows_is_one_line(
     train, test = own_data
     out = tmp_path / "out" / "gt.safetensors"
     kill_on_the_third_subset(config(tiny_llama, own_data, out), monkeypatch)
-    parts = files(out.parent)
     rows = conversations(6) if change == "gained" else conversations(4)
     write_jsonl(test, rows)
-    line = user_error_line(main, cli_args(tiny_llama, train, test, out), capsys)
+    line = refused(cli_args(tiny_llama, train, test, out), capsys, test.parent, out.parent)
     words = "test example 'ex_005' is new" if change == "gained" else "'ex_004' is gone"
     assert words in line
-    assert files(out.parent) == parts
 
 
 def test_two_processes_on_one_output_share_the_work(tiny_llama, toy_data, tmp_path):
@@ -262,20 +269,20 @@ def test_a_parts_directory_without_settings_is_refused(tiny_llama, toy_data, tmp
     parts = out.with_name("gt.safetensors.parts")
     parts.mkdir(parents=True)
     (parts / "subset_00000.safetensors").write_bytes(b"a subset of seed 0")
-    before = files(out.parent)
-    line = user_error_line(main, cli_args(tiny_llama, *toy_data, out, "--seed", "1"), capsys)
+    argv = cli_args(tiny_llama, *toy_data, out, "--seed", "1")
+    line = refused(argv, capsys, toy_data[0].parent, parts)
     assert f"{parts} has no readable settings.json" in line and "remove it and rerun" in line
-    assert files(out.parent) == before | {".gt.safetensors.lock": b""}
+    assert sorted(os.listdir(out.parent)) == [".gt.safetensors.lock", "gt.safetensors.parts"]
 
 
 @pytest.mark.parametrize("which", ["train", "test"])
 def test_duplicate_ids_are_refused(tiny_llama, own_data, tmp_path, capsys, which):
     """Case 4: ids join every later file; a repeated one is exit 2, as extract and score say."""
-    files_ = dict(zip(("train", "test"), own_data, strict=True))
-    rows = read_rows(files_[which])
-    write_jsonl(files_[which], [*rows, rows[1]])
+    by_side = dict(zip(("train", "test"), own_data, strict=True))
+    rows = read_rows(by_side[which])
+    write_jsonl(by_side[which], [*rows, rows[1]])
     out = tmp_path / "out" / "gt.safetensors"
-    line = user_error_line(main, cli_args(tiny_llama, *own_data, out), capsys)
+    line = refused(cli_args(tiny_llama, *own_data, out), capsys, own_data[0].parent)
     assert "1 duplicate example id(s): 'ex_001' (rows 1, " in line
     assert not out.parent.exists()
 
@@ -289,7 +296,7 @@ def test_options_out_of_range_are_refused_before_any_work(
     anything is written."""
     threads = torch.get_num_threads()
     out = tmp_path / "out" / "gt.safetensors"
-    line = user_error_line(main, cli_args(tiny_llama, *toy_data, out, *bad), capsys)
+    line = refused(cli_args(tiny_llama, *toy_data, out, *bad), capsys, toy_data[0].parent)
     assert line.startswith(f"error: {bad[0]} must be")
     assert torch.get_num_threads() == threads and not out.parent.exists()
 
@@ -299,7 +306,8 @@ def test_a_diverged_training_is_refused_naming_subset_and_example(
 ):
     """Case 5: --lr 1e30 is finite but diverges; no loss that is not finite is written."""
     out = tmp_path / "out" / "gt.safetensors"
-    line = user_error_line(main, cli_args(tiny_llama, *toy_data, out, "--lr", "1e30"), capsys)
+    argv = cli_args(tiny_llama, *toy_data, out, "--lr", "1e30")
+    line = refused(argv, capsys, toy_data[0].parent)
     assert "after fine-tuning on subset 0, test example 'ex_000' has a loss of nan" in line
     assert "lower --lr (now 1e+30)" in line
     parts = out.with_name("gt.safetensors.parts")
@@ -313,8 +321,8 @@ def test_a_fraction_that_makes_every_subset_the_whole_train_set_is_refused(
     train, test = own_data
     write_jsonl(train, read_rows(train)[:8])
     out = tmp_path / "out" / "gt.safetensors"
-    line = user_error_line(main, cli_args(tiny_llama, train, test, out, "--fraction", "0.97"),
-                           capsys)  # fmt: skip
+    argv = cli_args(tiny_llama, train, test, out, "--fraction", "0.97")
+    line = refused(argv, capsys, train.parent)
     assert "--fraction 0.97 of 8 train example(s) rounds to all of them" in line
     assert not out.parent.exists()
     assert retrain.subset_size(8, 0.93) == 7  # the largest fraction that is not refused rounds
@@ -344,7 +352,7 @@ def test_a_model_that_does_not_fit_the_cached_prefix_is_refused(
     """The cached-prefix loss of one test example is checked against the whole model's before
     any subset trains."""
     out = tmp_path / "out" / "gt.safetensors"
-    line = user_error_line(main, cli_args(tiny_granite, *toy_data, out), capsys)
+    line = refused(cli_args(tiny_granite, *toy_data, out), capsys, toy_data[0].parent)
     assert "GraniteForCausalLM does not fit gradproj retrain's cached frozen prefix" in line
     assert "test example 'ex_000' has a loss of" in line
     assert not out.exists()
