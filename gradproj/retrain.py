@@ -108,6 +108,9 @@ class RetrainConfig:
                 raise UserError(message)
         if self.output.suffix != ".safetensors":
             raise UserError(f"--output {self.output}: name a .safetensors file")
+        folder = next(p for p in self.output.absolute().parents if p.exists())
+        if not folder.is_dir():  # its lock and parts go beside it
+            raise UserError(f"--output {self.output}: {folder} is not a directory")
         return self
 
     def check_train_size(self, n_train: int) -> None:

@@ -168,6 +168,10 @@ def test_parts_of_other_settings_and_bad_options_are_refused(
         assert words in line
     line = user_error_line(main, [*argv[:-4], "--output", str(tmp_path / "x.json")], capsys)
     assert ".safetensors" in line
+    (tmp_path / "a_file").write_text("")
+    under_a_file = str(tmp_path / "a_file" / "x.safetensors")
+    line = user_error_line(main, [*argv[:-2], "--output", under_a_file], capsys)
+    assert f"{tmp_path / 'a_file'} is not a directory" in line
 
 
 def test_a_resumed_run_over_changed_train_data_is_refused(
