@@ -234,7 +234,10 @@ RETRAIN_OPTIONS = {
     "model": dict(help="hub id, local directory, or bundled:<name>"),
     "train_dataset": dict(help="the train examples (.json/.jsonl/.parquet, a directory, a hub id)"),
     "test_dataset": dict(help="the test examples whose losses are recorded"),
-    "output": dict(help="the ground-truth file to write (.safetensors)"),
+    "output": dict(
+        help="the ground-truth file to write (.safetensors); a rerun resumes it, and processes "
+        "given the same output share the work"
+    ),
     "checkpoint_nr": dict(help="index into the model's checkpoints"),
     "train_split": dict(help="split or slice of the train examples"),
     "test_split": dict(help="split or slice of the test examples"),

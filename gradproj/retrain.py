@@ -15,15 +15,25 @@ turns), the same tokenization and max_seq_length; a batch's loss is the mean ove
 Determinism: subset s's membership and training order come from numpy's generator seeded with
 (seed, s) alone, so a subset's result does not depend on which subsets ran before it. Each
 subset's result is written atomically as it finishes, into `<output>.parts/`; a killed run
-continues from there, and the finished file is assembled once every subset is done.
+continues from there, and the finished file is assembled once every subset is done. The parts
+record the settings and the examples (ids and a hash of each tokenized example) they were
+computed on, and a run over other settings or other data is refused, never mixed in.
+
+Sharing: processes on one output hold a shared flock on `.<output>.lock` while they work and
+split the subsets by claims (flocks in `<output>.parts/.locks/`); each then waits for the
+output's lock alone, and the first to get it assembles the file (the others find it done).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +44,21 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gradproj import __version__, data, store
-from gradproj.errors import UserError
-from gradproj.gradients import pad_batch
+from gradproj.errors import UserError, check_unique_ids
+from gradproj.gradients import pad_batch, per_example_mean_loss
 
 RETRAIN_FORMAT = "gradproj-retrain/1"
 PARTS_SUFFIX = ".parts"
 SETTINGS_FILE = "settings.json"
 BASE_PART = "base.safetensors"
 PREFIX_PART = "prefix_states.safetensors"
+CLAIMS = ".locks"  # in the parts directory: one lock file per part being computed
 CAUSAL_PARADIGMS = ("sft", "pre")
 EVAL_BATCH = 8  # test examples per evaluation batch; the losses do not depend on it otherwise
+# The cached-prefix loss against the full model's: fp32 results of the same operations differ by
+# about 3e-7 relative (measured on the tiny test model and SmolLM2-135M); a model whose layers do
+# not take the cached states as they are (an input scaling, a logit scaling) differs by far more.
+PREFIX_RTOL = 1e-5
 
 
 @dataclass
@@ -77,8 +92,12 @@ class RetrainConfig:
             (0 < self.fraction < 1, "--fraction must lie strictly between 0 and 1"),
             (self.train_layers >= 1, "--train_layers must be at least 1"),
             (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (math.isfinite(self.lr) and self.lr > 0, "--lr must be a finite number above 0"),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "--weight_decay must be a finite number >= 0",
+            ),
+            (self.seed >= 0, "--seed must be >= 0 (numpy's generators take no negative seed)"),
             (self.batch_size >= 1, "--batch_size must be at least 1"),
             (self.max_seq_length >= 2, "--max_seq_length must be at least 2"),
             (self.threads >= 1, "--threads must be at least 1"),
@@ -90,7 +109,20 @@ class RetrainConfig:
         if self.output.suffix != ".safetensors":
             raise UserError(f"--output {self.output}: name a .safetensors file")
         store.check_output(self.output, "--output")
+        folder = next(p for p in self.output.absolute().parents if p.exists())
+        if not folder.is_dir():  # its lock and parts go beside it
+            raise UserError(f"--output {self.output}: {folder} is not a directory")
         return self
+
+    def check_train_size(self, n_train: int) -> None:
+        """What `validate` cannot check before the train examples are read: subsets that
+        differ. `subset_plan` draws `subset_size` examples; all of them would be one subset."""
+        if subset_size(n_train, self.fraction) == n_train:
+            raise UserError(
+                f"--fraction {self.fraction:g} of {n_train} train example(s) rounds to all of "
+                "them: every subset would be the whole train set, and LDS needs subsets that "
+                "differ; choose a smaller --fraction (or more train examples)"
+            )
 
     def settings(self) -> dict:
         """What determines the result (not where it goes, nor the thread count)."""
@@ -161,11 +193,14 @@ def subset_generator(seed: int, subset: int) -> np.random.Generator:
     return np.random.default_rng([seed, subset])
 
 
+def subset_size(n_train: int, fraction: float) -> int:
+    return max(1, round(fraction * n_train))
+
+
 def subset_plan(seed: int, subset: int, n_train: int, fraction: float, epochs: int):
     """Subset `subset`'s membership mask and its training order (positions), one per epoch."""
     rng = subset_generator(seed, subset)
-    size = max(1, round(fraction * n_train))
-    members = np.sort(rng.choice(n_train, size=size, replace=False))
+    members = np.sort(rng.choice(n_train, size=subset_size(n_train, fraction), replace=False))
     mask = np.zeros(n_train, dtype=np.uint8)
     mask[members] = 1
     return mask, [rng.permutation(members) for _ in range(epochs)]
@@ -173,6 +208,63 @@ def subset_plan(seed: int, subset: int, n_train: int, fraction: float, epochs: i
 
 def part_name(subset: int) -> str:
     return f"subset_{subset:05d}.safetensors"
+
+
+# --- The examples a result is computed on ---
+
+
+def example_sha256(example: data.Example) -> str:
+    """The hash of a tokenized example: its input ids and labels, all that training sees."""
+    return hashlib.sha256(json.dumps([example.input_ids, example.labels]).encode()).hexdigest()
+
+
+def examples_record(train: list[data.Example], test: list[data.Example]) -> dict:
+    """The examples' ids and hashes, in order. The parts' settings, the prefix states and the
+    finished file record them: a file's path says nothing of what it held then."""
+    record = {}
+    for side, examples in (("train", train), ("test", test)):
+        record[f"{side}_ids"] = [ex.id for ex in examples]
+        record[f"{side}_sha256"] = [example_sha256(ex) for ex in examples]
+    return record
+
+
+def data_difference(recorded: dict, record: dict) -> str | None:
+    """The first difference between recorded examples and those of `record`, in words, or None.
+    A record without hashes (a finished file of an older gradproj) is compared by its ids."""
+    for side in ("train", "test"):
+        before, hashes = recorded.get(f"{side}_ids"), recorded.get(f"{side}_sha256", [])
+        if before is None:
+            return f"no {side} ids are recorded: an older gradproj wrote it"
+        if not (is_text_list(before) and is_text_list(hashes) and len(hashes) in (0, len(before))):
+            return f"its record of the {side} examples is not readable"
+        now, current = record[f"{side}_ids"], record[f"{side}_sha256"]
+        if before != now:
+            return ids_difference(side, before, now)
+        if hashes and hashes != current:
+            k = next(k for k, (a, b) in enumerate(zip(hashes, current, strict=True)) if a != b)
+            return f"{side} example {now[k]!r} changed (its tokens or labels)"
+    return None
+
+
+def is_text_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def ids_difference(side: str, before: list[str], now: list[str]) -> str:
+    known, current = set(before), set(now)
+    new = next((i for i in now if i not in known), None)
+    if new is not None:
+        return f"{side} example {new!r} is new"
+    gone = next((i for i in before if i not in current), None)
+    if gone is not None:
+        return f"{side} example {gone!r} is gone"
+    if len(before) != len(now):  # only where one list repeats an id (an older gradproj's)
+        return f"{len(before)} {side} examples are recorded, the data has {len(now)}"
+    k = next(k for k, (a, b) in enumerate(zip(before, now, strict=True)) if a != b)
+    return (
+        f"the {side} examples are in another order (position {k} holds {now[k]!r}, was "
+        f"{before[k]!r})"
+    )
 
 
 # --- The model split into a frozen prefix (run once) and trained layers ---
@@ -215,19 +307,34 @@ def cache_prefix_states(model, examples: list[data.Example], first: int) -> list
     return states
 
 
-def cached_prefix_states(model, train, test, first: int, parts: Path):
-    """`cache_prefix_states` of the train and test examples, kept in the parts directory so
-    that a resumed run does not recompute them."""
+def claim(parts: Path, part: str, wait: bool = True):
+    """This process's claim on computing one part (a `store.file_lock` in `parts/.locks/`):
+    processes sharing the parts split the subsets, and wait for the prefix states and the base
+    losses rather than repeat them."""
+    return store.file_lock(parts / CLAIMS / f"{part}.lock", wait=wait)
+
+
+def cached_prefix_states(model, train, test, first: int, parts: Path, record: dict):
+    """`cache_prefix_states` of the train and test examples, kept in the parts directory (with
+    the examples' record, `examples_record`) so that a resumed run does not recompute them."""
     path = parts / PREFIX_PART
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            return [[f.get_tensor(f"{side}/{i}") for i in range(len(examples))]
-                    for side, examples in (("train", train), ("test", test))]  # fmt: skip
-    states = [cache_prefix_states(model, examples, first) for examples in (train, test)]
-    tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states, strict=True)
-               for i, state in enumerate(group)}  # fmt: skip
-    store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT})
-    return states
+    with claim(parts, PREFIX_PART):
+        if not path.is_file():
+            states = [cache_prefix_states(model, examples, first) for examples in (train, test)]
+            tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states,
+                                                                   strict=True)
+                       for i, state in enumerate(group)}  # fmt: skip
+            store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT, **record})
+            return states
+    with safe_open(str(path), "pt") as f:
+        difference = data_difference(store.read_metadata(f), record)
+        if difference:
+            raise UserError(
+                f"{path} holds the prefix states of other examples ({difference}); remove "
+                f"{parts} and rerun"
+            )
+        return [[f.get_tensor(f"{side}/{i}") for i in range(len(examples))]
+                for side, examples in (("train", train), ("test", test))]  # fmt: skip
 
 
 def keep_trained_layers(model, first: int) -> list[torch.nn.Parameter]:
@@ -270,6 +377,40 @@ def evaluate(model, states: list[torch.Tensor], examples: list[data.Example]) ->
     return torch.cat(out).float()
 
 
+def full_loss(model, example: data.Example) -> float:
+    """The example's mean loss from the whole model, as extraction computes it."""
+    ids, _, labels = pad_batch([example], 0, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    return float(per_example_mean_loss(logits, labels, causal=True))
+
+
+def check_prefix_scheme(model, state: torch.Tensor, example: data.Example, full: float) -> None:
+    """The trained layers fed from the cached state (`keep_trained_layers` done) give the whole
+    model's loss, `full`: else the model does something between its layers that the cache skips
+    (e.g. scales the input embeddings, as Granite does), and every loss would be wrong."""
+    cached = float(evaluate(model, [state], [example]))
+    if not math.isclose(cached, full, rel_tol=PREFIX_RTOL):
+        raise UserError(
+            f"{type(model).__name__} does not fit gradproj retrain's cached frozen prefix: test "
+            f"example {example.id!r} has a loss of {full:.7g} from the whole model but "
+            f"{cached:.7g} from its cached hidden states through the trained layers (the model "
+            "changes the hidden states outside its layers, e.g. scales the input embeddings); "
+            "retrain needs a decoder that passes them on unchanged, as Llama, Mistral, Qwen2 "
+            "and OLMo-2 do"
+        )
+
+
+def check_finite(losses: torch.Tensor, test: list[data.Example], when: str, advice: str) -> None:
+    """Refuse to record a loss that is not finite (a diverged training), naming its example."""
+    bad = (~torch.isfinite(losses)).nonzero()[:, 0].tolist()
+    if bad:
+        raise UserError(
+            f"{when}, test example {test[bad[0]].id!r} has a loss of {losses[bad[0]].item()} "
+            f"({len(bad)} of {len(test)} test losses are not finite); {advice}"
+        )
+
+
 def train_subset(model, params, states, examples, order: list[np.ndarray], cfg: RetrainConfig):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for epoch_order in order:
@@ -288,6 +429,7 @@ def read_examples(cfg: RetrainConfig, tokenizer, dataset: str, split: str):
     """Tokenized examples of a split, and those skipped for having no label token."""
     rows, first_row = data.load_rows(dataset, split)
     data.check_columns(rows, cfg.paradigm)
+    check_unique_ids(data.example_ids(rows, first_row), f"{dataset} {split}", first_row)
     invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
     if invalid:
         raise UserError(data.describe_invalid(invalid, f"{dataset} {split}", "fix them"))
@@ -313,26 +455,52 @@ def training_description(cfg: RetrainConfig, n_layers: int) -> str:
     )
 
 
-def start_parts(parts: Path, settings: dict) -> None:
-    """The parts directory of a run with these settings: made, or one left by a killed run
-    with the same settings (else an error: its parts belong to another run)."""
-    recorded = parts / SETTINGS_FILE
-    if recorded.is_file():
-        before = json.loads(recorded.read_text())
-        if before != settings:
-            differ = sorted(
-                k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
-            )
-            raise UserError(
-                f"{parts} holds the parts of a run with other settings (differing in "
-                f"{', '.join(differ)}); remove it, or choose another --output"
-            )
-        return
-    store.atomic_write_json(recorded, settings)
+def join_parts(parts: Path, settings: dict, record: dict) -> None:
+    """Make the parts directory of a run with these settings and examples, or join the one that
+    a killed or a concurrent run of the same made (else an error: its parts are another run's)."""
+    if not parts.exists():
+        make_parts(parts, settings | {"examples": record})
+    try:
+        before = json.loads((parts / SETTINGS_FILE).read_text())
+        examples = dict(before.pop("examples", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise UserError(
+            f"{parts} has no readable {SETTINGS_FILE}, so nothing says which run its parts "
+            "belong to (a crash of an older gradproj leaves such a directory); remove it and rerun"
+        ) from None
+    if before != settings:
+        differ = sorted(
+            k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
+        )
+        raise UserError(
+            f"{parts} holds the parts of a run with other settings (differing in "
+            f"{', '.join(differ)}); remove it, or choose another --output"
+        )
+    difference = data_difference(examples, record)
+    if difference:
+        raise UserError(
+            f"{parts} holds the parts of a run on other examples ({difference}); remove it to "
+            "start over, or restore the data it was computed on"
+        )
 
 
-def check_existing(cfg: RetrainConfig) -> bool:
-    """True when the output is a finished ground truth of these settings."""
+def make_parts(parts: Path, settings: dict) -> None:
+    """A new parts directory, made whole by one rename: whoever finds it finds its settings."""
+    new = Path(tempfile.mkdtemp(dir=parts.parent, prefix=f".{parts.name}.new-"))
+    try:
+        store.honour_umask(new, directory=True)  # mkdtemp makes 0700
+        store.atomic_write_json(new / SETTINGS_FILE, settings)
+        os.rename(new, parts)
+    except OSError:
+        if not parts.is_dir():  # else another process made it first: it is joined
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def finished(cfg: RetrainConfig, record: dict) -> bool:
+    """True (and says so) when the output is a finished ground truth of these settings and
+    examples; an output of others is an error."""
     if not cfg.output.exists():
         return False
     truth = load_ground_truth(cfg.output)
@@ -341,6 +509,13 @@ def check_existing(cfg: RetrainConfig) -> bool:
             f"{cfg.output} exists and was written with other settings; remove it or choose "
             "another --output"
         )
+    difference = data_difference(truth.info, record)
+    if difference:
+        raise UserError(
+            f"{cfg.output} exists and was computed on other examples ({difference}); remove it "
+            "or choose another --output"
+        )
+    print(f"complete already, nothing to do: {cfg.output}", file=sys.stderr)
     return True
 
 
@@ -348,6 +523,7 @@ def retrain(cfg: RetrainConfig) -> Path:
     """Write the ground truth for `cfg` (resuming from its parts); returns its path. Runs with
     `cfg.threads` torch threads and gives the caller back its own count (the thread count
     changes the last bits of every later computation in the process)."""
+    cfg.validate()  # first: the thread count is set from it
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads)
@@ -359,44 +535,42 @@ def retrain(cfg: RetrainConfig) -> Path:
 def _retrain(cfg: RetrainConfig) -> Path:
     from gradproj import models
 
-    cfg.validate()
-    if check_existing(cfg):
-        print(f"complete already, nothing to do: {cfg.output}", file=sys.stderr)
-        return cfg.output
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)
     tokenizer = models.load_tokenizer(checkpoint)
     train, train_skipped = read_examples(cfg, tokenizer, cfg.train_dataset, cfg.train_split)
     test, test_skipped = read_examples(cfg, tokenizer, cfg.test_dataset, cfg.test_split)
+    cfg.check_train_size(len(train))
+    record = examples_record(train, test)
+    if finished(cfg, record):  # before any lock: a finished file is only read
+        return cfg.output
     model = models.load_model(checkpoint, cfg.paradigm, torch.float32, "cpu")
     n_layers = len(decoder_layers(model))
     if cfg.train_layers > n_layers:
         raise UserError(f"--train_layers {cfg.train_layers}: the model has {n_layers} layers")
-    settings = cfg.settings()
-    parts = cfg.output.with_name(cfg.output.name + PARTS_SUFFIX)
-    # Subset s depends on (seed, s) alone: parts of a run with another n_subsets are reused.
-    start_parts(parts, {k: v for k, v in settings.items() if k != "n_subsets"})
     description = training_description(cfg, n_layers)
-    print(f"retrain: {description}", file=sys.stderr)
-
-    todo = [s for s in range(cfg.n_subsets) if not (parts / part_name(s)).is_file()]
-    began = time.time()
-    if todo or not (parts / BASE_PART).is_file():
-        run_subsets(cfg, model, train, test, parts, todo)
     info = {
         "format": RETRAIN_FORMAT,
-        "train_ids": [ex.id for ex in train],
-        "test_ids": [ex.id for ex in test],
+        **record,
         "train_skipped": train_skipped,
         "test_skipped": test_skipped,
         "checkpoint": checkpoint.name,
         "n_layers": n_layers,
         "trained": description,
         "subset_seeds": [[cfg.seed, s] for s in range(cfg.n_subsets)],
-        "settings": settings,
+        "settings": cfg.settings(),
         "threads": cfg.threads,  # fp32 sums may round differently with another thread count
         "versions": versions(),
     }
-    assemble(parts, cfg.output, cfg.n_subsets, info)
+    began = time.time()
+    lock = cfg.output.with_name(f".{cfg.output.name}.lock")
+    with store.file_lock(lock, shared=True):  # shared by the processes working on the output
+        if finished(cfg, record):  # assembled meanwhile
+            return cfg.output
+        compute_parts(cfg, model, train, test, record, description)
+    with store.file_lock(lock):  # once no process works on the parts: they are complete
+        if finished(cfg, record):  # another process sharing the parts assembled them
+            return cfg.output
+        assemble(parts_dir(cfg.output), cfg.output, cfg.n_subsets, info)
     print(
         f"ground truth of {cfg.n_subsets} subsets written to {cfg.output} "
         f"({time.time() - began:.0f} s in this call)",
@@ -405,40 +579,71 @@ def _retrain(cfg: RetrainConfig) -> Path:
     return cfg.output
 
 
-def run_subsets(cfg: RetrainConfig, model, train, test, parts: Path, todo: list[int]) -> None:
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + PARTS_SUFFIX)
+
+
+def compute_parts(cfg: RetrainConfig, model, train, test, record: dict, description: str) -> None:
+    """Every part of the output not written yet (under the output's shared lock)."""
+    parts = parts_dir(cfg.output)
+    # Subset s depends on (seed, s) alone: parts of a run with another n_subsets are reused.
+    settings = {k: v for k, v in cfg.settings().items() if k != "n_subsets"}
+    join_parts(parts, settings, record)
+    print(f"retrain: {description}", file=sys.stderr)
+    todo = [s for s in range(cfg.n_subsets) if not (parts / part_name(s)).is_file()]
+    if todo or not (parts / BASE_PART).is_file():
+        run_subsets(cfg, model, train, test, parts, record, todo)
+
+
+def run_subsets(
+    cfg: RetrainConfig, model, train, test, parts: Path, record: dict, todo: list[int]
+) -> None:
     """The base losses (unless written) and every subset in `todo`, each written as it ends.
-    Several processes may share one parts directory (e.g. one taking `todo` in reverse): a
-    subset found written is skipped, and one computed twice is written twice, the same bytes."""
+    Processes sharing the parts directory split the subsets: each computes those it can claim,
+    then waits for those that another holds (and computes any whose holder died)."""
     first = len(decoder_layers(model)) - cfg.train_layers
     began = time.time()
-    train_states, test_states = cached_prefix_states(model, train, test, first, parts)
+    train_states, test_states = cached_prefix_states(model, train, test, first, parts, record)
+    full = full_loss(model, test[0])
     params = keep_trained_layers(model, first)
+    check_prefix_scheme(model, test_states[0], test[0], full)
     initial = {k: v.clone() for k, v in model.base_model.layers.state_dict().items()}
-    if not (parts / BASE_PART).is_file():
-        base = evaluate(model, test_states, test)
-        store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
+    with claim(parts, BASE_PART):
+        if not (parts / BASE_PART).is_file():
+            base = evaluate(model, test_states, test)
+            check_finite(base, test, "before fine-tuning", "the model gives it no finite loss")
+            store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
     print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
     progress = tqdm(
         total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
     )
-    for s in todo:
-        if (parts / part_name(s)).is_file():  # written meanwhile by another process
-            progress.update(1)
-            continue
-        t0 = time.time()
-        mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
-        model.base_model.layers.load_state_dict(initial)
-        train_subset(model, params, train_states, train, order, cfg)
-        losses = evaluate(model, test_states, test)
-        tensors = {"mask": torch.from_numpy(mask), "losses": losses}
-        store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
-        progress.update(1)
-        progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
-    progress.close()
+
+    def run(s: int, wait: bool) -> bool:
+        """Subset s, unless another process holds it (False) or it is written."""
+        with claim(parts, part_name(s), wait) as claimed:
+            if claimed and not (parts / part_name(s)).is_file():
+                t0 = time.time()
+                mask, order = subset_plan(cfg.seed, s, len(train), cfg.fraction, cfg.epochs)
+                model.base_model.layers.load_state_dict(initial)
+                train_subset(model, params, train_states, train, order, cfg)
+                losses = evaluate(model, test_states, test)
+                check_finite(losses, test, f"after fine-tuning on subset {s}",
+                             f"the training diverged; lower --lr (now {cfg.lr:g})")  # fmt: skip
+                tensors = {"mask": torch.from_numpy(mask), "losses": losses}
+                store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
+                progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
+            progress.update(int(claimed))
+        return claimed
+
+    with progress:  # closed on an error too, so that the error starts its own line
+        held = [s for s in todo if not run(s, wait=False)]
+        for s in held:
+            run(s, wait=True)
 
 
 def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
-    """The one file from the parts; the parts are removed once it is in place."""
+    """The one file from the parts (under the output's exclusive lock); the parts, and any
+    parts directory that a killed process left half made, are removed once it is in place."""
     masks, losses = [], []
     for s in range(n_subsets):
         with safe_open(str(parts / part_name(s)), "pt") as f:
@@ -448,7 +653,8 @@ def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
         base = f.get_tensor("losses")
     tensors = {"masks": torch.stack(masks), "losses": torch.stack(losses), "base_losses": base}
     store.write_safetensors(tensors, output, info)
-    shutil.rmtree(parts)
+    for leftover in [parts, *parts.parent.glob(f".{parts.name}.new-*")]:
+        shutil.rmtree(leftover)
 
 
 def versions() -> dict:

@@ -514,22 +514,35 @@ def check_writable(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold an flock on `path` (made, with its folder, if missing) while the block runs: yields
+    whether it got it (without `wait`, a lock another process holds is not waited for).
+
+    An flock dies with its holder, so a killed process never blocks the next. Lock files are
+    kept, as deleting one that another process has open would let two processes hold "the same"
+    lock.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(f.fileno(), kind | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@contextlib.contextmanager
 def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Iterator[bool]:
     """Claim a shard for this process across its run directories: yields whether it got it.
 
-    The claim is an flock on `.locks/<shard>.lock` in each directory, so it dies with its
-    holder: a killed process never blocks the shard. Without `wait`, a shard another process
-    holds is not waited for (it yields False); lock files are kept, as deleting one that another
-    process has open would let two processes hold "the same" lock.
+    The claim is a `file_lock` on `.locks/<shard>.lock` in each directory.
     """
     with contextlib.ExitStack() as stack:
         for run_dir in sorted(map(Path, run_dirs)):  # one order for all: waiting cannot deadlock
-            folder = Path(run_dir) / ".locks"
-            folder.mkdir(parents=True, exist_ok=True)
-            f = stack.enter_context(open(folder / f"{start}_{end}.lock", "a"))
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
+            lock = Path(run_dir) / ".locks" / f"{start}_{end}.lock"
+            if not stack.enter_context(file_lock(lock, wait=wait)):
                 yield False
                 return
         yield True
@@ -553,13 +566,8 @@ def remove_leftovers(run_dir: Path) -> None:
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Serialises manifest merges of concurrent job-array tasks writing one run directory."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with file_lock(Path(run_dir) / ".lock"):
+        yield
 
 
 def merge_manifest(
