@@ -6,10 +6,12 @@ demo writes them): computes the train run's factorization (timed, stored under -
 the runs plainly and with `gram` at each --damping (timed), and times the whitening of the
 train vectors alone (the extra cost per example). With --ground_truth (a `gradproj retrain`
 file: `masks` [M, n_train], `losses` [M, n_test], ids in its metadata) it adds each scoring's
-LDS, computed directly: per test example, scipy's Spearman correlation across the M subsets
-between the summed scores of the subset's train examples and minus the loss; the mean over test
-examples with a percentile bootstrap 95% CI over test examples (2000 resamples, seed 0). BM25
-and random rankings are scored the same way as baselines.
+LDS by `gradproj compare --lds`'s own code (`gradproj.analysis.lds`: per test example, the
+Spearman correlation across the M subsets between the summed scores of the subset's train
+examples and minus the loss; the mean over test examples with a percentile bootstrap 95% CI
+over test examples, 2000 resamples, seed 0), which also reads a ground truth still being
+written. BM25 and random rankings are scored the same way as baselines; the paired differences
+and the fused row are compare's (`lds_pairs.csv`).
 
   python bench/lds_preconditioned.py --gradients /work/wt/demo_output/gradients \
       --out /work/wt/i22_out --ground_truth GT.safetensors --dampings 1.0,0.1
@@ -26,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gradproj import curvature, influence, scoredir, store  # noqa: E402
+from gradproj.analysis.lds import lds_statistics, per_test_lds  # noqa: E402
 from gradproj.analysis.retrieval import (  # noqa: E402
     bm25_scores,
     dataset_rows,
@@ -40,7 +42,6 @@ from gradproj.analysis.retrieval import (  # noqa: E402
     retrieval_statistics,
     source_ranks,
 )
-from gradproj.analysis.stats import bootstrap_ci  # noqa: E402
 from gradproj.data import conversation_text  # noqa: E402
 
 VARIANTS = (
@@ -114,16 +115,14 @@ def load_truth(path: Path, id_runs):
 
 
 def lds(truth, scores: np.ndarray, train_ids: list, test_ids: list) -> dict:
+    """`gradproj compare --lds`'s own LDS (gradproj.analysis.lds), in the ground truth's order."""
     masks, losses, gt_train, gt_test = truth
     cols = [train_ids.index(i) for i in gt_train]
     rows = [test_ids.index(i) for i in gt_test]
-    predicted = masks @ scores[np.ix_(rows, cols)].T  # [M, n_test]
-    per_test = np.array(
-        [spearmanr(predicted[:, j], -losses[:, j]).statistic for j in range(len(rows))]
-    )
-    per_test = per_test[np.isfinite(per_test)]
-    low, high = bootstrap_ci(per_test, np.mean, 2000, seed=0)
-    return {"n_test": len(per_test), "lds": float(per_test.mean()), "ci_low": low, "ci_high": high}
+    stats = lds_statistics(per_test_lds(masks, losses, scores[np.ix_(rows, cols)]))
+    return {"n_test": stats["n_test"], "lds": stats["lds"]} | {
+        "ci_low": stats["lds_ci_low"], "ci_high": stats["lds_ci_high"]
+    }  # fmt: skip
 
 
 def retrieval(sd, function: str) -> dict:
