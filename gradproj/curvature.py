@@ -23,6 +23,7 @@ the memory budget.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,7 +385,9 @@ def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curva
     """The stored factorization of `run` at `path`, checked; else computed and stored there."""
     check_supported(run)
     store.check_output(path, "--curvature")
-    if path.is_file():
+    if path.is_file() and older_format(path):
+        print(f"warning: {path} was written by an older gradproj: recomputing it", file=sys.stderr)
+    elif path.is_file():
         curvature = load(path)
         check_belongs(curvature, kind, run, path)
         return curvature
@@ -392,6 +395,18 @@ def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curva
     curvature = compute_kfac(run, device) if kind == "kfac" else compute_gram(run, device)
     save(curvature, path)
     return curvature
+
+
+def older_format(path: Path) -> bool:
+    """Whether `path` is a curvature file of an earlier format of ours (a cache this gradproj
+    recomputes), as opposed to the current one or a file that is not ours (refused by `load`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = store.read_metadata(f).get("format", "")
+    except Exception:
+        return False
+    prefix = CURVATURE_FORMAT.split("/")[0] + "/"
+    return isinstance(found, str) and found.startswith(prefix) and found != CURVATURE_FORMAT
 
 
 def check_writable(path: Path) -> None:

@@ -143,6 +143,25 @@ def test_reused_factorization_gives_the_bytes_of_a_recomputed_one(tmp_path):
     assert summary["options"]["precondition"] == "gram"
 
 
+def test_a_factorization_of_an_older_format_is_recomputed_with_a_warning(tmp_path, capsys):
+    """Its own cache in an earlier format: recomputed in place (the query's default reads it)."""
+    from safetensors import safe_open
+
+    train = golden_run(tmp_path, "params_kronecker_4x8", "train")
+    test = golden_run(tmp_path, "params_kronecker_4x8", "test")
+    stored = train / "curvature" / "gram.safetensors"
+    score(train, test, tmp_path / "first")
+    fresh = stored.read_bytes()
+    with safe_open(str(stored), framework="pt") as f:
+        info = store.read_metadata(f) | {"format": "gradproj-curvature/1"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    store.write_safetensors(tensors, stored, info)
+    capsys.readouterr()
+    score(train, test, tmp_path / "again")
+    assert "was written by an older gradproj: recomputing it" in capsys.readouterr().err
+    assert stored.read_bytes() == fresh
+
+
 def test_plain_scoring_records_no_preconditioning_options(tmp_path):
     train = golden_run(tmp_path, "rademacher_64", "train")
     test = golden_run(tmp_path, "rademacher_64", "test")
