@@ -159,6 +159,9 @@ def exclusive_output(out: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     def stop(signum, frame):
+        if _held:  # delivered to another thread while the main thread holds it: wait
+            _deferred.append(signum)
+            return
         raise Terminated(signum)
 
     if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
@@ -204,14 +207,29 @@ def replace_dir(out: Path, build: Callable[[Path], None]) -> None:
         raise
 
 
+# While the main thread holds the signals (below), a SIGTERM sent to the process can still be
+# delivered to another thread (torch's, tqdm's), whose handler call then runs in the main
+# thread at once: the handler of `_sigterm_unwinds` defers it to the end of the held steps.
+_held = False
+_deferred: list[int] = []
+
+
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     """SIGTERM and SIGINT wait (are delivered on leaving) while a few steps must not be cut."""
+    global _held
+    outer = _held
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    _held = True
     try:
         yield
     finally:
+        _held = outer
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if not outer and _deferred:
+        signum = _deferred[0]
+        _deferred.clear()
+        raise Terminated(signum)
 
 
 def _swap(staging: Path, out: Path) -> None:

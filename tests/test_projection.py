@@ -237,7 +237,9 @@ def test_prefix_of_wide_projection_is_narrow_projection_rescaled(kind):
     grads = _ragged_grads(shape, [3, 2])
     both = make_projection(kind, [8, 100], 6, shape).project_batch(grads)
     narrow = make_projection(kind, [8], 6, shape).project_batch(grads)[8]
-    assert torch.allclose(both[8], narrow, rtol=1e-6, atol=0)
+    # The same matrix entries; the fp32 sums of 150 products may round otherwise in a wider
+    # matmul (1.5e-6 relative on an AVX512 CPU): the bound is fp32 summation, not bits.
+    assert torch.allclose(both[8], narrow, rtol=1e-5, atol=0)
     assert torch.allclose(both[100][:, :8] * math.sqrt(100 / 8), narrow, rtol=1e-5, atol=1e-6)
 
 
