@@ -141,7 +141,8 @@ LDS_NOTE = (
 
 
 LDS_PAIRS_NOTE = (
-    "The method of highest LDS against every other, on the same test examples: the mean of the "
+    "The method of highest LDS (and the best single ranking, when the best is the fused one) "
+    "against every other, on the same test examples: the mean of the "
     "per-test differences [paired bootstrap 95% CI] and the test examples on which it is the "
     "higher. It is *ahead* where the CI lies above 0, *behind* where it lies below, *level* where "
     "it holds 0.\n"
@@ -181,13 +182,14 @@ def lds_cells(table: pd.DataFrame) -> pd.DataFrame:
 def pair_cells(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
+            "best": [pair_method(r, "best") for r in pairs.itertuples()],
             "against": [pair_method(r, "other") for r in pairs.itertuples()],
             "difference": [
                 f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
                 for r in pairs.itertuples()
             ],
             "wins": [f"{r.wins} of {r.n_test}" for r in pairs.itertuples()],
-            "best is": [standing(r) for r in pairs.itertuples()],
+            "is": [standing(r) for r in pairs.itertuples()],
         }
     )
 
