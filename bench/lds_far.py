@@ -61,23 +61,22 @@ def figure(near: pd.DataFrame, far: pd.DataFrame, output: Path) -> None:
     left.set(xlim=(low, high), ylim=(low, high), xlabel="LDS, paraphrase set (test.jsonl)",
              ylabel="LDS, far set (test_far.jsonl)",
              title="LDS per method on both test sets (95% CIs)")  # fmt: skip
-    for (target, precondition), rows in far[far.function == "dot"].groupby(
-        ["target", "precondition"], dropna=False
-    ):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown = far[far.function.isin(["dot", "bm25"])]
+    groups = shown.groupby(["target", "precondition"], dropna=False)
+    for k, ((target, precondition), rows) in enumerate(groups):
+        color = colors[k % len(colors)]
         projected = rows[rows.dim.notna()].sort_values("dim")
         name = f"{target}" + ("" if precondition == "none" else f" · {precondition}")
         if len(projected):
-            line = right.errorbar(projected.dim, projected.lds, marker="o", label=name,
-                                  yerr=[projected.lds - projected.lds_ci_low,
-                                        projected.lds_ci_high - projected.lds])  # fmt: skip
-            color = line[0].get_color()
-        else:
-            color = None
+            right.errorbar(projected.dim, projected.lds, marker="o", label=name, color=color,
+                           yerr=[projected.lds - projected.lds_ci_low,
+                                 projected.lds_ci_high - projected.lds])  # fmt: skip
         for row in rows[rows.dim.isna()].itertuples():
-            right.axhline(row.lds, ls="--", lw=1, color=color,
-                          label=f"{name}, {row.projection or 'unprojected'}")  # fmt: skip
+            shown_as = name if pd.isna(row.projection) else f"{name}, {row.projection}"
+            right.axhline(row.lds, ls="--", lw=1, color=color, label=shown_as)
     right.set(xscale="log", xlabel="dim (a projected vector's length)", ylabel="LDS, far set",
-              title="Far set: LDS against the projection dim (dot)")  # fmt: skip
+              title="Far set: LDS against the dim (dot; dashed: unprojected)")  # fmt: skip
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output, dpi=120)
