@@ -211,7 +211,10 @@ COMPARE_OPTIONS = {
         help="more score directories for the retrieval (and --lds) table only (other targets: "
         "params, hidden), over the same examples; implies --retrieval",
     ),
-    "source_field": dict(help="test set column naming each test example's source train id"),
+    "source_field": dict(
+        help="test set column naming each test example's source train id, or a JSON list of "
+        "ids (e.g. related_ids: the best-ranked of them counts)"
+    ),
     "lds": dict(
         metavar="FILE",
         help="ground truth of gradproj retrain: adds lds.csv, the linear datamodeling score of "

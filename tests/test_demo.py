@@ -59,6 +59,14 @@ def test_demo_ends_with_the_retrieval_table_of_every_method(demo_output):
     assert "Every method" in stdout and stdout.splitlines()[-4].lstrip().startswith("random")
 
 
+def test_demo_compares_the_far_test_set_by_its_related_ids(demo_output):
+    out, stdout = demo_output
+    table = pd.read_csv(out / "report_far" / "retrieval.csv")
+    assert {"embeddings full", "bm25", "random", "hidden state (mean) · gram"} <= set(table.method)
+    assert (table.n_test == table.n_test.iloc[0]).all() and table.n_test.iloc[0] > 0
+    assert f"{out}/report_far" in stdout
+
+
 def test_demo_skips_the_truncated_long_examples(demo_output):
     from gradproj.store import Run
 

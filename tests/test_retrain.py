@@ -20,6 +20,8 @@ from gradproj.retrain import RetrainConfig, load_ground_truth, subset_plan
 from tests.conftest import REPO, build_tokenizer, conversations, user_error_line, write_jsonl
 
 SHIPPED = REPO / "examples" / "ground_truth.safetensors"
+# The far test set's (examples/data/test_far.jsonl): the same command with that test set
+SHIPPED_FAR = REPO / "examples" / "ground_truth_far.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -363,13 +365,26 @@ def test_a_model_that_does_not_fit_the_cached_prefix_is_refused(
     assert not list(out.with_name("gt.safetensors.parts").glob("subset_*"))
 
 
+def test_the_far_sets_ground_truth_has_the_shipped_ones_settings_and_subsets():
+    """examples/ground_truth_far.safetensors: the paraphrase set's command with only the test
+    set changed, so the same subsets (masks) of the same train examples."""
+    far, near = load_ground_truth(SHIPPED_FAR), load_ground_truth(SHIPPED)
+    test_keys = {"test_dataset": "examples/data/test_far.jsonl", "test_split": "test_far"}
+    assert far.info["settings"] == near.info["settings"] | test_keys
+    assert far.train_ids == near.train_ids and (far.masks == near.masks).all()
+    assert far.info["threads"] == near.info["threads"] == 1
+    assert far.test_ids == [f"far_{i:02d}" for i in range(len(far.test_ids))]
+
+
 @pytest.mark.slow
-def test_one_subset_of_the_shipped_ground_truth_is_recomputed():
-    """Subset 0 of examples/ground_truth.safetensors, recomputed on the bundled model from its
+@pytest.mark.parametrize("shipped", [SHIPPED, SHIPPED_FAR], ids=["paraphrases", "far"])
+def test_one_subset_of_the_shipped_ground_truth_is_recomputed(shipped):
+    """Subset 0 of a shipped ground truth (examples/ground_truth.safetensors, and the far test
+    set's examples/ground_truth_far.safetensors), recomputed on the bundled model from its
     recorded settings: the frozen prefix only for that subset's members and the test set."""
-    truth = load_ground_truth(SHIPPED)
+    truth = load_ground_truth(shipped)
     cfg = RetrainConfig(
-        **truth.info["settings"] | {"output": SHIPPED.with_name("unused.safetensors")}
+        **truth.info["settings"] | {"output": shipped.with_name("unused.safetensors")}
     )
     torch.set_num_threads(truth.info["threads"])
     checkpoint = models.resolve_checkpoint(cfg.model, cfg.checkpoint_nr)

@@ -14,10 +14,13 @@ from gradproj import data, store
 from gradproj.analysis.retrieval import (
     bm25_scores,
     find_sources,
+    ranks_of_sources,
     retrieval_statistics,
+    source_ids,
     source_ranks,
 )
 from gradproj.cli import compare_main, extract_main, score_main
+from gradproj.errors import UserError
 from gradproj.influence import ranked
 from gradproj.scoredir import ScoreDir
 from tests.conftest import conversations, user_error_line, write_jsonl
@@ -71,6 +74,54 @@ def test_bootstrap_cis_cover_the_estimate_and_shrink_with_more_test_examples():
     assert all(big < small for small, big in zip(*widths, strict=True))
 
 
+def test_several_related_ids_count_by_the_best_ranked_one_as_a_brute_force_count_says():
+    rng = np.random.default_rng(7)
+    n_test, n_train = 60, 12
+    train_ids = [f"t{j}" for j in range(n_train)]
+    test_ids = [f"q{i}" for i in range(n_test)]
+    scores = rng.integers(0, 4, size=(n_test, n_train)).astype(np.float32)  # many ties
+    related = {
+        q: [str(t) for t in rng.choice(train_ids, size=rng.integers(1, 5), replace=False)]
+        for q in test_ids
+    }
+    ranks = ranks_of_sources(scores, train_ids, test_ids, related)
+    order = ranked(torch.from_numpy(scores)).numpy()  # score_influence.py's ranked lists
+    first, top5, reciprocal = 0, 0, 0.0
+    for i, q in enumerate(test_ids):
+        listed = [train_ids[j] for j in order[i]]
+        place = next(r for r, t in enumerate(listed, 1) if t in related[q])
+        assert ranks[i] == place
+        first += listed[0] in related[q]
+        top5 += any(t in related[q] for t in listed[:5])
+        reciprocal += 1 / place
+    row = retrieval_statistics(ranks, n_bootstrap=200)
+    assert row["top1"] == pytest.approx(first / n_test)
+    assert row["top5"] == pytest.approx(top5 / n_test)
+    assert row["mrr"] == pytest.approx(reciprocal / n_test)
+    # one id, as a string or a one-element list, ranks as before
+    single = {q: related[q][0] for q in test_ids}
+    listed_once = {q: [related[q][0]] for q in test_ids}
+    np.testing.assert_array_equal(
+        ranks_of_sources(scores, train_ids, test_ids, single),
+        ranks_of_sources(scores, train_ids, test_ids, listed_once),
+    )
+
+
+def test_a_list_of_sources_keeps_its_scored_ids_and_refuses_an_unknown_one(capsys):
+    assert source_ids(["t1", "t1", "t3"]) == ["t1", "t3"]
+    assert source_ids("t2") == ["t2"] and source_ids(None) == source_ids([]) == []
+    train_rows = {t: {} for t in [*TRAIN_IDS, "gone"]}  # "gone": skipped at extraction
+    test_rows = {"a": {"related": ["t1", "gone"]}, "b": {"related": ["gone"]}, "c": {}}
+    found = find_sources(test_rows, train_rows, score_dir(np.zeros((3, 7)), list("abc")), "related")
+    assert found == {"a": ["t1"]}
+    err = capsys.readouterr().err
+    assert "test example 'b' has no scores (skipped at extraction): left out" in err
+    assert "'c' has no 'related'" in err
+    test_rows["a"]["related"] = ["t1", "t99"]
+    with pytest.raises(UserError, match="'t99'"):
+        find_sources(test_rows, train_rows, score_dir(np.zeros((3, 7)), list("abc")), "related")
+
+
 CORPUS = [
     "Reverse a string in Python with a slice and a negative step.",
     "Count orders per customer in SQL with GROUP BY and COUNT.",
@@ -113,7 +164,7 @@ def test_test_example_without_source_is_left_out_with_a_warning(capsys):
     sources = find_sources(
         test_rows, train_rows, score_dir(np.zeros((3, 7)), list("abc")), "source_id"
     )
-    assert sources == {"a": "t1", "c": "t2"}
+    assert sources == {"a": ["t1"], "c": ["t2"]}
     assert "test example 'b' has no 'source_id'" in capsys.readouterr().err
 
 

@@ -5,8 +5,9 @@ One self-contained file (styles, script and data inline; no server, no network),
 text) and sees its conversation, its agreement figures, and for every score directory given, side
 by side (wrapping onto new rows rather than off the page), the train examples it ranks highest
 (proponents) and lowest (opponents), each with its rank, score and text; the test example's known
-source (`source_id`) is marked. Where `gradproj compare --lds` measured them, the methods come
-best LDS first, each with its LDS, and the page opens on the best one's score function.
+source (`source_id`, or each id of a list such as `related_ids`) is marked. Where `gradproj
+compare --lds` measured them, the methods come best LDS first, each with its LDS, and the page
+opens on the best one's score function.
 
 It embeds only what the score directories' topk.jsonl lists (at most `SHOWN` per end and
 function), never a score matrix, and each train text once, so it stays small and quick to open for
@@ -22,7 +23,7 @@ import pandas as pd
 
 from gradproj import store
 from gradproj.analysis.report import HEADLINE_METRICS
-from gradproj.analysis.retrieval import SOURCE_FIELD, dataset_rows, method_label
+from gradproj.analysis.retrieval import SOURCE_FIELD, dataset_rows, method_label, source_ids
 from gradproj.errors import UserError
 from gradproj.scoredir import FUNCTIONS, ScoreDir, read_summary, read_topk
 
@@ -48,8 +49,9 @@ def page_data(
         row = test_rows.get(test_id)
         if row is None:
             raise UserError(f"test example {test_id!r} of {paths[0]} is not in its test dataset")
-        source = row.get(source_field)
-        tests.append({"id": test_id, "messages": messages(row), "source": source and str(source)})
+        # one id, or several (a list such as related_ids) joined by ", "
+        source = ", ".join(source_ids(row.get(source_field))) or None
+        tests.append({"id": test_id, "messages": messages(row), "source": source})
     methods = [
         method | {"lists": [lists.get(t) for t in test_ids], "lds": lds_of(lds, method)}
         for _, method, lists in loaded
@@ -283,7 +285,7 @@ function entries(method, lists, kind, source) {
   const ids = lists[kind + "_ids"], scores = lists[kind + "_scores"];
   return ids.map((id, r) => {
     const rank = kind === "top" ? r + 1 : method.n_train - r;
-    const isSource = source !== null && id === source;
+    const isSource = source !== null && source.split(", ").includes(id);
     const turns = DATA.train[id];
     const head = el("div", {class: "head"}, el("b", {}, "#" + rank), " \u00b7 " + func + " " +
                     scores[r].toPrecision(5) + " \u00b7 ", el("b", {}, id));

@@ -3,7 +3,10 @@
 For test sets whose examples come from a known train example (a paraphrase of it, as in the
 bundled example data, named by a `source_id` field), every method's ranking of the train examples
 is judged against that ground truth: the top-1 and top-5 hit rate and the mean reciprocal rank
-of the source, each with a percentile bootstrap 95% CI over test examples. The methods: every
+of the source, each with a percentile bootstrap 95% CI over test examples. The field may instead
+hold a list of ids (the far test set's `related_ids`: the train examples that teach the same
+skill, fact or answer format); then the best-ranked of them counts, so a test example is found at
+rank 1 when any of its related ids is ranked first. The methods: every
 score directory given (any target, projection and score function), BM25 over the conversations'
 text (the `bm25s` library) and a seeded random ranking.
 """
@@ -33,13 +36,24 @@ def read_rows(dataset: str, split: str) -> dict[str, dict]:
     return {data.example_id(row, i): row for i, row in enumerate(rows)}
 
 
+def source_ids(value) -> list[str]:
+    """The train ids a test row's source field names: one id (a string or a number), or a list
+    of them (a JSON list, e.g. `related_ids`), in their order, repeats dropped; [] for none."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list | tuple) else [value]
+    return list(dict.fromkeys(str(v) for v in values if v is not None and str(v) != ""))
+
+
 def find_sources(
     test_rows: dict[str, dict], train_rows: dict[str, dict], scored: ScoreDir, field: str
-) -> dict[str, str]:
-    """{test id: source train id} for the scored test examples, in the scores' order.
+) -> dict[str, list[str]]:
+    """{test id: its source train ids} for the scored test examples, in the scores' order.
 
-    A test example without a source, or whose source was skipped at extraction, is left out with
-    a warning naming it; a source that names no train example at all is an error.
+    A field holds one id or a list of ids. A test example without a source is left out with a
+    warning naming it; so is a source skipped at extraction (a test example keeps its other
+    sources, and is left out when none is left); a source that names no train example at all is
+    an error.
     """
     scored_train = set(scored.train_ids)
     sources = {}
@@ -49,23 +63,29 @@ def find_sources(
                 f"test example {test_id!r} of the scores is not in the test dataset; "
                 "the scores were computed on another dataset"
             )
-        source = test_rows[test_id].get(field)
-        if source in (None, ""):
+        found = source_ids(test_rows[test_id].get(field))
+        if not found:
             warn(f"test example {test_id!r} has no {field!r}: left out of the retrieval evaluation")
             continue
-        source = str(source)
-        if source not in train_rows:
-            raise UserError(
-                f"test example {test_id!r} has {field} {source!r}, which names no train "
-                f"example; correct the test set or choose another --source_field"
-            )
-        if source not in scored_train:
-            warn(
-                f"the source {source!r} of test example {test_id!r} has no scores (skipped at "
-                "extraction): left out of the retrieval evaluation"
-            )
-            continue
-        sources[test_id] = source
+        kept = []
+        for source in found:
+            if source not in train_rows:
+                raise UserError(
+                    f"test example {test_id!r} has {field} {source!r}, which names no train "
+                    f"example; correct the test set or choose another --source_field"
+                )
+            if source not in scored_train:
+                left = "" if len(found) > 1 else ": left out of the retrieval evaluation"
+                warn(
+                    f"the source {source!r} of test example {test_id!r} has no scores (skipped "
+                    f"at extraction){left}"
+                )
+                continue
+            kept.append(source)
+        if kept:
+            sources[test_id] = kept
+        elif len(found) > 1:
+            warn(f"no source of test example {test_id!r} has scores: left out")
     if not sources:
         raise UserError(
             f"no scored test example has a {field!r} among the scored train examples: nothing "
@@ -78,8 +98,11 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def source_ranks(score_dir: ScoreDir, function: str, source_of: dict[str, str]) -> np.ndarray:
-    """1-based rank of each test example's source among the train examples, by score.
+def source_ranks(
+    score_dir: ScoreDir, function: str, source_of: dict[str, str | list[str]]
+) -> np.ndarray:
+    """1-based rank of each test example's source among the train examples, by score; with
+    several sources, the rank of the best-ranked one.
 
     Ties are broken as score_influence.py's ranked lists break them (a stable sort: tied train
     examples keep their train order), so the rank is the source's place in those lists. One
@@ -91,15 +114,22 @@ def source_ranks(score_dir: ScoreDir, function: str, source_of: dict[str, str]) 
 
 
 def ranks_of_sources(
-    scores: np.ndarray, train_ids: list[str], test_ids: list[str], source_of: dict[str, str]
+    scores: np.ndarray,
+    train_ids: list[str],
+    test_ids: list[str],
+    source_of: dict[str, str | list[str]],
 ) -> np.ndarray:
     column = {train_id: j for j, train_id in enumerate(train_ids)}
     row = {test_id: i for i, test_id in enumerate(test_ids)}
     ranks = []
-    for test_id, source in source_of.items():
-        i, j = row[test_id], column[source]
-        ahead = np.sum(scores[i] > scores[i, j]) + np.sum(scores[i, :j] == scores[i, j])
-        ranks.append(int(ahead) + 1)
+    for test_id, sources in source_of.items():
+        i = row[test_id]
+        best = None
+        for source in [sources] if isinstance(sources, str) else sources:
+            j = column[source]
+            ahead = np.sum(scores[i] > scores[i, j]) + np.sum(scores[i, :j] == scores[i, j])
+            best = int(ahead) + 1 if best is None else min(best, int(ahead) + 1)
+        ranks.append(best)
     return np.asarray(ranks, dtype=int)
 
 
