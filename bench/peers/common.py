@@ -96,10 +96,15 @@ def peak_rss_mib() -> float:
 class Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+
+    def elapsed(self, name: str) -> float:
+        """Seconds so far in `name` (inside its block)."""
+        return self.seconds.get(name, 0.0) + time.perf_counter() - self.started[name]
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start = self.started[name] = time.perf_counter()
         try:
             yield
         finally:
