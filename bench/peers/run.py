@@ -54,10 +54,11 @@ def gradproj_rows(args) -> dict:
     rows = {
         f"gradproj_{args.params_variant}": (args.params_variant, []),
         f"gradproj_{args.params_variant}_gram": (args.params_variant, ["--precondition", "gram"]),
-        "gradproj_embeddings_full": ("full", []),
+        # both functions: gradproj compare's theory table needs the reference's cosine
+        "gradproj_embeddings_full": ("full", ["--func", "both"]),
     }
     for dim in args.embedding_dims.split(","):
-        rows[f"gradproj_embeddings_rademacher_{dim}"] = (f"rademacher_{dim}", [])
+        rows[f"gradproj_embeddings_rademacher_{dim}"] = (f"rademacher_{dim}", ["--func", "both"])
     return rows
 
 

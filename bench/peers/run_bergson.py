@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="prepare.py's folder")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget_s", type=int, default=3600)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -70,8 +72,18 @@ def main(argv=None) -> None:
         )  # fmt: skip
         trackstar_cfg = TrackstarConfig(query=QuerySetConfig(dataset=str(data / "test.jsonl")))
         timer = common.Timer()
+
+        def over_budget(signum, frame):
+            raise TimeoutError(
+                f"TrackStar did not finish within {args.budget_s} s on this CPU (the step it "
+                "reached is in its log)"
+            )
+
+        signal.signal(signal.SIGALRM, over_budget)
+        signal.alarm(args.budget_s)
         with timer("pipeline"):
             trackstar(index_cfg, trackstar_cfg)
+        signal.alarm(0)
         scores = load_scores(run / "scores")
         matrix = np.stack([scores.get(slice(None), i) for i in range(scores.num_scores)], axis=1)
         settings["projection_dim"] = index_cfg.projection_dim

@@ -11,6 +11,9 @@ Sign: `attribute` returns `[n_train, n_test]` inner products of (preconditioned)
 unnegated (block_projected_if.py), so a positive score means the train gradient points along
 the test's: the train example lowers the test loss (gradproj's 'dot' convention).
 
+When the first train batch, extrapolated to the whole run, exceeds `--budget_s`, the peer is
+recorded as unable to run here with the measured rate.
+
 Deviation from its defaults: `proj_dim` 256 (16 x 16 per layer, the size of gradproj's
 kronecker 16x16) instead of 4096, whose per-layer eFIM blocks (210 x 4096^2 fp32) take 14 GB.
 """
@@ -35,6 +38,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hessian", default="eFIM", choices=["eFIM", "Identity"])
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget_s", type=float, default=3600)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -81,8 +85,27 @@ def main(argv=None) -> None:
             task=task, layer_names=layers, hessian=args.hessian, device="cpu",
             proj_dim=args.proj_dim, offload="cpu",
         )  # fmt: skip
+        # Give up early when the first train batch, extrapolated to all the work (each test
+        # example costs about one train batch: one example per batch), exceeds the budget.
+        forwards = {"n": 0}
+
+        def budget(module, inputs):
+            forwards["n"] += 1
+            if forwards["n"] == 3:  # the compressors' setup forward and the first batch done
+                per_batch = timer.elapsed("one_off") / 2
+                estimate = per_batch * (len(train) + len(test))
+                if estimate > args.budget_s:
+                    raise RuntimeError(
+                        f"too slow on this CPU: {per_batch:.0f} s per batch of "
+                        f"{args.batch_size} train examples in its gradient cache, so "
+                        f"{len(train)} train batches and {len(test)} test examples would take "
+                        f"about {estimate / 3600:.1f} h"
+                    )
+
+        hook = model.register_forward_pre_hook(budget)
         with timer("one_off"):
             attributor.cache(train)
+        hook.remove()
         with timer("scoring"):
             scores = attributor.attribute(train, test)
         per_example = args.proj_dim * len(layers)

@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--precondition", default="none")
     parser.add_argument("--curvature")
+    parser.add_argument("--func", default="dot")
     args = parser.parse_args()
     factorization = 0.0
     if args.precondition != "none":
@@ -30,7 +31,7 @@ def main() -> None:
         curvature.load_or_compute(args.precondition, store.Run(args.train), path, "cpu")
         factorization = time.perf_counter() - start
     config = ScoreConfig(
-        train=args.train, test=args.test, func="dot", output=args.output, top_k=10,
+        train=args.train, test=args.test, func=args.func, output=args.output, top_k=10,
         device="cpu", precondition=args.precondition, curvature=args.curvature,
     )  # fmt: skip
     start = time.perf_counter()
