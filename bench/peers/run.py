@@ -130,7 +130,14 @@ def adapt_peers(out: Path, like: Path) -> list[Path]:
     dirs = []
     for folder in sorted((out / "peers").glob("*/")):
         if (folder / "result.npz").exists():
-            dirs.append(from_result(folder, out / "scores" / folder.name, like))
+            try:
+                dirs.append(from_result(folder, out / "scores" / folder.name, like))
+            except ValueError as err:  # a matrix that does not fit its ids: the peer's result
+                info = json.loads((folder / "peer.json").read_text())
+                info["error"] = f"its scores do not fit the examples: {err}"
+                (folder / "peer.json").write_text(json.dumps(info, indent=1))
+                (folder / "result.npz").rename(folder / "result.unusable.npz")
+                print(f"{folder.name}: {info['error']}", flush=True)
     return dirs
 
 

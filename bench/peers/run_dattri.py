@@ -102,12 +102,17 @@ def main(argv=None) -> None:
                         f"about {estimate / 3600:.1f} h"
                     )
 
-        hook = model.register_forward_pre_hook(budget)
+        hook = attributor.model.register_forward_pre_hook(budget)  # dattri's own copy
         with timer("one_off"):
             attributor.cache(train)
         hook.remove()
         with timer("scoring"):
             scores = attributor.attribute(train, test)
+        if tuple(scores.shape) != (len(work["train"]), len(work["test"])):
+            raise RuntimeError(
+                f"attribute returned scores of shape {list(scores.shape)} for "
+                f"{len(work['train'])} train x {len(work['test'])} test examples"
+            )
         per_example = args.proj_dim * len(layers)
         info.update(
             seconds=timer.seconds,

@@ -61,10 +61,12 @@ def main(argv=None) -> None:
                 super().__init__()
 
             def get_output(self, model, weights, buffers, input_ids, labels, attention_mask):
+                # One unpadded example per batch: no attention mask (HF's mask code calls
+                # .item() on it, which vmap refuses).
+                del attention_mask
                 logits = torch.func.functional_call(
-                    model, (weights, buffers), args=(input_ids.unsqueeze(0),),
-                    kwargs={"attention_mask": attention_mask.unsqueeze(0)},
-                ).logits  # fmt: skip
+                    model, (weights, buffers), args=(input_ids.unsqueeze(0),)
+                ).logits
                 return -common.per_example_loss(logits, labels.unsqueeze(0))[0]
 
             def get_out_to_loss_grad(self, model, weights, buffers, batch):
