@@ -82,7 +82,6 @@ def main(argv=None) -> None:
             return TRAKer(
                 model=model, task=SftOutput(), train_set_size=n, save_dir=str(save_dir),
                 device="cpu", proj_dim=proj_dim, use_half_precision=False, grad_wrt=grad_wrt,
-                load_from_save_dir=False,
             )  # fmt: skip
 
         n_train, n_test = len(work["train"]), len(work["test"])
