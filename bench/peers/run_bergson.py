@@ -87,12 +87,20 @@ def main(argv=None) -> None:
         scores = load_scores(run / "scores")
         matrix = np.stack([scores.get(slice(None), i) for i in range(scores.num_scores)], axis=1)
         settings["projection_dim"] = index_cfg.projection_dim
-        per_example = None
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):  # the module count, without loading weights
+            skeleton = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(work["model_dir"])
+            )
+        modules = len(common.decoder_linear_names(skeleton))
+        settings["modules"] = modules
+        per_example = index_cfg.projection_dim**2 * modules
         info.update(
             seconds={"one_off": timer.seconds["pipeline"], "scoring": None},
             seconds_note="bergson's trackstar runs hessians, index and scoring as one pipeline",
             stored_per_train_example=per_example,
-            stored_note=f"{index_cfg.projection_dim}^2 per module (bergson index)",
+            stored_note=f"{index_cfg.projection_dim}^2 x {modules} modules (bergson index)",
         )
         common.write_result(folder, matrix, "train_test", info, work)
         print(json.dumps({"method": "trackstar", "seconds": timer.seconds}), flush=True)
