@@ -303,6 +303,8 @@ def scoring_label(
     `<target> <full | type_dim>`, the count of linear modules of a params run, then the
     preconditioning (`params kronecker_16x16, 210 modules · gram`)."""
     preconditioning = preconditioning_text(precondition, damping)
+    if manifest.get("kind") == "peer":  # another tool's scores, adapted by bench/peers
+        return str(manifest.get("label") or manifest.get("target") or "peer")
     if manifest.get("kind") == "hidden":
         return "hidden state (mean)" + preconditioning
     target = manifest.get("target") or "embeddings"
