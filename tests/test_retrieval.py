@@ -277,3 +277,22 @@ def test_source_that_names_no_train_example_is_an_error(tiny_study, tmp_path, ca
         write_jsonl(test, rows)
     assert "'q_2'" in line and "'ex_999'" in line
     assert not (tmp_path / "report").exists()
+
+
+def test_compare_of_dot_only_scorings_writes_its_report(tiny_llama, tiny_study, tmp_path):
+    """Dot alone and no runs' norms: no JL prediction to make, and the report says so."""
+    root, train, test, _ = tiny_study
+    scores = {}
+    for variant in ("full", "rademacher_16"):
+        scores[variant] = tmp_path / variant
+        argv = ["--train", str(run_path(root / "gradients", variant, tiny_llama, train, "train")),
+                "--test", str(run_path(root / "gradients", variant, tiny_llama, test, "test")),
+                "--func", "dot", "--output", str(scores[variant])]  # fmt: skip
+        assert score_main(argv) == 0
+    argv = ["--reference", str(scores["full"]), "--candidates", str(scores["rademacher_16"]),
+            "--output", str(tmp_path / "report"), "--n_bootstrap", "50",
+            "--n_permutations", "10"]  # fmt: skip
+    assert compare_main(argv) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "dot-product prediction skipped" in report
+    assert pd.read_csv(tmp_path / "report" / "theory_vs_measured.csv").empty

@@ -230,16 +230,19 @@ def norm_product_matrix(
     return None
 
 
+THEORY_COLUMNS = ["function", "dim", "predicted_median"]
+
+
 def jl_theory(
     reference: ScoreDir, candidates: list[ScoreDir], config: CompareConfig, notes: list[str]
 ) -> pd.DataFrame:
     """Median predicted Kendall tau per function and dim (empty when the reference is not full)."""
     if reference.dim is not None:
         notes.append("The reference is itself projected: no JL prediction against it.")
-        return pd.DataFrame(columns=["function", "dim", "predicted_median"])
+        return pd.DataFrame(columns=THEORY_COLUMNS)
     dims = sorted({c.dim for c in candidates if c.dim})
     if not dims:
-        return pd.DataFrame(columns=["function", "dim", "predicted_median"])
+        return pd.DataFrame(columns=THEORY_COLUMNS)
     norm_product = (
         norm_product_matrix(reference, config, notes) if "dot" in reference.scores else None
     )
@@ -254,7 +257,7 @@ def jl_theory(
             rows.append(
                 {"function": function, "dim": dim, "predicted_median": float(np.nanmedian(taus))}
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=THEORY_COLUMNS)  # no row: dot alone, without norms
 
 
 def compare_with_theory(
