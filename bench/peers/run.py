@@ -84,7 +84,7 @@ def timed(command: list[str], log: Path, env: dict | None = None) -> dict:
 def peer_available(python: Path, module: str) -> str | None:
     """None when `module` imports in the peers' venv, else why not (one line)."""
     if not python.exists():
-        return f"not installed: no peers venv at {python} (see bench/peers/README.md)"
+        return f"not installed: no peers venv at {python} (bash bench/peers/setup.sh makes it)"
     probe = subprocess.run(
         [str(python), "-c", f"import {module}"], capture_output=True, text=True, timeout=600
     )
