@@ -4,7 +4,7 @@ A front end that composes the two stages that already exist, so that a query's s
 `gradproj extract` + `gradproj score` would give it, bit for bit: the queries are extracted by
 `gradproj.extract.run_extraction` with the train run's own options (read from its manifest; only
 the dataset, the device and the output folder change), into a temporary run directory, and
-scored against the train run by `gradproj.influence.Scorer`, with its arithmetic and memory plan.
+scored against the train run by `gradproj.influence.compute_scores`, as `gradproj score` does.
 The model is loaded once for every query of a file. Score-side options (the preconditioning of
 `gradproj score`, when it lands) belong in `score_config`, which builds the `ScoreConfig`.
 """
@@ -251,20 +251,6 @@ def score_config(cfg: QueryConfig, train: store.Run, queries: store.Run):
     )  # fmt: skip
 
 
-def score_queries(cfg: QueryConfig, train: store.Run, queries: store.Run) -> influence.Scores:
-    influence.check_compatible(train, queries)
-    score_cfg = score_config(cfg, train, queries)
-    plan = influence.plan_memory(score_cfg, train, queries)
-    whitener = None  # the same preconditioning as `gradproj score --precondition`
-    if cfg.precondition != "none":
-        nbytes = curvature.factorization_bytes(train, cfg.precondition)
-        plan = influence.reserve(plan, nbytes)
-        whitener, _ = influence.preconditioner(score_cfg, train)
-    scores = influence.Scorer(score_cfg, train, queries, plan, whitener).run()
-    influence.warn_excluded({"train": scores.excluded["train"]})
-    return scores
-
-
 # --- Results ---
 
 
@@ -365,7 +351,8 @@ def run_query(cfg: QueryConfig) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gradproj-query-") as folder:
         queries = extract_queries(rows, train, Path(folder), cfg.device)
         check_explainable(queries)
-        scores = score_queries(cfg, train, queries)
+        scores = influence.compute_scores(score_config(cfg, train, queries), train, queries).scores
+        influence.warn_excluded({"train": scores.excluded["train"]})
     method = {"method": scoring_label(cfg, train), "precondition": cfg.precondition}
     method["damping"] = cfg.damping if cfg.precondition != "none" else None
     return [method | result for result in explanations(cfg, rows, scores, texts)]

@@ -142,7 +142,7 @@ def test_scores_match_fp64_brute_force(real_runs, variant, tmp_path):
 
 @pytest.mark.parametrize("chunk_coords", [influence.CHUNK_COORDS, 10])  # 1 or 2 positions/chunk
 def test_ragged_bf16_scores_of_unequal_lengths_match_in_fp64(chunk_coords, tmp_path, monkeypatch):
-    monkeypatch.setattr(influence, "CHUNK_COORDS", chunk_coords)
+    monkeypatch.setattr(influence.kernel, "CHUNK_COORDS", chunk_coords)
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(int(n), 5, generator=gen).bfloat16() for n in torch.randint(1, 12, (11,))]
     train = synthetic_run(tmp_path / "train", rows[:7])
