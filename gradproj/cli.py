@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradproj import __version__
+from gradproj import __version__, options
 
 # A fixed width, so that --help and the generated docs/cli.md do not depend on the terminal.
 FORMATTER = functools.partial(argparse.RawDescriptionHelpFormatter, width=100, max_help_position=36)
@@ -87,141 +87,6 @@ when it was lost or damaged: then from the shards' own metadata), or of every ru
 directory; then verify it as `gradproj verify` does (exit status 0 only when complete).
 """
 
-EXTRACT_OPTIONS = {
-    "model": dict(positional=True, help="hub id, local directory, or bundled:<name>"),
-    "dataset": dict(positional=True, help="hub id, .json/.jsonl/.parquet, or save_to_disk dir"),
-    "checkpoint_nr": dict(positional=True, help="index into the model's checkpoints"),
-    "dataset_split": dict(help="split or slice, e.g. train[0:100]"),
-    "paradigm": dict(help="sft, pre or mlm"),
-    "mode": dict(help="store (each gradient) or store_mean"),
-    "random_projection": dict(help="project the gradients"),
-    "proj_dim": dict(
-        help="dims, comma-separated; 'full' adds the full gradient (default 16384; with "
-        "--target params and kronecker: per layer, e.g. 16x16, the default)"
-    ),
-    "proj_type": dict(
-        help="rademacher, normal, sjlt, kronecker (default rademacher; kronecker for params)"
-    ),
-    "proj_seed": dict(help="seed of the random projection"),
-    "proj_memory_gb": dict(help="projection memory budget"),
-    "gradients_per_file": dict(help="examples per shard"),
-    "gradients_output_path": dict(help="root of the run directories"),
-    "skip_if_gradient_folder_exists": dict(help="do nothing when every output directory exists"),
-    "max_seq_length": dict(help="truncate each example to this many tokens"),
-    "dtype": dict(help="model dtype: auto (fp32 CPU, bf16 CUDA), fp32, bf16, fp16"),
-    "save_dtype": dict(help="full gradients on disk: fp32 or bf16"),
-    "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
-    "batch_tokens": dict(help="token budget per batch (1024 on CPU, 8192 on CUDA)"),
-    "limit": dict(help="only the first N examples"),
-    "start": dict(help="first example of this task's range"),
-    "end": dict(help="end (exclusive) of this task's range"),
-    "target": dict(
-        metavar="TARGET[,TARGET...]",
-        help="embeddings (d loss / d input embeddings), params (weights of linear layers; "
-        "projected by default, see docs/projection.md) or hidden (no gradient: the mean last "
-        "hidden state, a representation baseline); several, comma-separated, share one pass: "
-        "the projection options then apply to the first gradient target listed, and a second "
-        "takes its default (params: kronecker 16x16; embeddings: full)",
-    ),
-    "modules": dict(
-        metavar="GLOB[,GLOB...]",
-        help="params: linear layers by name, e.g. '*.mlp.*' (default: all but the LM head)",
-    ),
-    "include_lm_head": dict(help="params: add the LM head"),
-    "full": dict(
-        help="add the exact gradient; with --target params and no --random_projection, only it"
-    ),
-    "skip_invalid_rows": dict(
-        help="record rows the paradigm cannot use in the manifest's skipped, and go on"
-    ),
-}
-
-SCORE_OPTIONS = {
-    "train": dict(help="train run directory (gradproj extract)"),
-    "test": dict(help="test run directory"),
-    "func": dict(choices=["dot", "cosine", "both"], help="score function(s)"),
-    "output": dict(help="score directory (default: see above)"),
-    "where": dict(help="replaces <train dataset>__<test dataset> in the default output"),
-    "mapped": dict(
-        help="also write mapped/<test row>.json, sorted, with the train samples' fields"
-    ),
-    "top_k": dict(help="top and bottom k per test example in topk.jsonl"),
-    "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
-    "dataset": dict(help="dataset for --mapped (default: the train run's)"),
-    "precision": dict(
-        choices=["fp32", "fp64"], help="stored scores: fp32 (fp64 arithmetic, rounded once) or fp64"
-    ),
-    "memory_gb": dict(
-        help="working memory budget in GiB (default: half the available host memory on CPU, "
-        "80%% of the free memory on CUDA)"
-    ),
-    "precondition": dict(
-        choices=["none", "gram", "kfac"],
-        help="curvature correction: none (plain dot and cosine), gram (whiten both sides by "
-        "(G + lambda I)^-1/2, G the train run's second moment, per module for params kronecker "
-        "runs) or kfac (params kronecker runs: per module, the Kronecker product of the "
-        "projected input and output-gradient covariances; reads the model once more); see "
-        "docs/scoring.md",
-    ),
-    "damping": dict(
-        help="lambda as a multiple of each block's mean eigenvalue of G, from 1e-8 to 1e6"
-    ),
-    "curvature": dict(
-        help="the factorization file: read if it exists (it must be the train run's), else "
-        "computed and written there (default: <train run>/curvature/<precondition>.safetensors)"
-    ),
-}
-
-COMPARE_OPTIONS = {
-    "reference": dict(help="score directory of the reference (usually the full gradients)"),
-    "candidates": dict(nargs="+", help="score directories of the projections to compare"),
-    "output": dict(help="directory for metrics.csv, summary.csv, figures and report.md"),
-    "reference_run": dict(
-        help="full-gradient run of the train examples (gradient norms, emulation); "
-        "default: the train_run recorded in the reference scores"
-    ),
-    "test_run": dict(help="full-gradient run of the test examples; default: from the scores"),
-    "emulate_original": dict(
-        help="also emulate the original pipeline step by step (ablation table)"
-    ),
-    "fp16_runs": dict(
-        nargs=2,
-        metavar=("TRAIN_RUN", "TEST_RUN"),
-        help="full-gradient runs extracted with --dtype fp16 (the emulation's fp16_model step); "
-        "default: the fp32 gradients rounded to fp16",
-    ),
-    "top_ks": dict(
-        flag="--top_k",
-        nargs="+",
-        metavar="K",
-        help="k of top-k overlap and NDCG@k",
-    ),
-    "n_permutations": dict(help="permutations of the permutation tests"),
-    "n_bootstrap": dict(help="bootstrap resamples of the confidence intervals"),
-    "seed": dict(help="seed of the permutation tests, bootstrap and theory simulation"),
-    "flag_margin": dict(help="flag a measured median Kendall tau this far below the prediction"),
-    "device": dict(help="device of the emulated projections"),
-    "retrieval": dict(
-        help="also rank each test example's known source train example (retrieval.csv): the "
-        "compared scores, --retrieval_methods, BM25 and a random ranking"
-    ),
-    "retrieval_methods": dict(
-        nargs="+",
-        metavar="DIR",
-        help="more score directories for the retrieval (and --lds) table only (other targets: "
-        "params, hidden), over the same examples; implies --retrieval",
-    ),
-    "source_field": dict(
-        help="test set column naming each test example's source train id, or a JSON list of "
-        "ids (e.g. related_ids: the best-ranked of them counts)"
-    ),
-    "lds": dict(
-        metavar="FILE",
-        help="ground truth of gradproj retrain: adds lds.csv, the linear datamodeling score of "
-        "every score directory given (with --retrieval_methods), BM25 and a random ranking",
-    ),
-}
-
 RETRAIN_DOC = """\
 The counterfactual ground truth of influence (docs/lds.md): fine-tune the model on random
 subsets of the train examples and record every test example's loss after each. `gradproj
@@ -233,98 +98,45 @@ Example (the shipped examples/ground_truth.safetensors):
         --test_split test --output examples/ground_truth.safetensors
 """
 
-RETRAIN_OPTIONS = {
-    "model": dict(help="hub id, local directory, or bundled:<name>"),
-    "train_dataset": dict(help="the train examples (.json/.jsonl/.parquet, a directory, a hub id)"),
-    "test_dataset": dict(help="the test examples whose losses are recorded"),
-    "output": dict(
-        help="the ground-truth file to write (.safetensors); a rerun resumes it, and processes "
-        "given the same output share the work"
-    ),
-    "checkpoint_nr": dict(help="index into the model's checkpoints"),
-    "train_split": dict(help="split or slice of the train examples"),
-    "test_split": dict(help="split or slice of the test examples"),
-    "paradigm": dict(choices=["sft", "pre"], help="loss: sft (assistant turns) or pre"),
-    "max_seq_length": dict(help="truncate each example to this many tokens"),
-    "n_subsets": dict(help="number of random train subsets M"),
-    "fraction": dict(help="fraction of the train examples in each subset"),
-    "seed": dict(help="seed of the subsets and their training order"),
-    "train_layers": dict(help="how many of the last decoder layers are fine-tuned"),
-    "epochs": dict(help="epochs over each subset"),
-    "lr": dict(help="AdamW learning rate"),
-    "weight_decay": dict(help="AdamW weight decay"),
-    "batch_size": dict(help="examples per optimizer step"),
-    "threads": dict(help="torch CPU threads"),
-}
 
-QUERY_OPTIONS = {
-    "train": dict(help="train run directory (gradproj extract) to explain against"),
-    "messages": dict(
-        metavar="FILE",
-        help="the answers to explain: JSON lines in the train dataset's format, one "
-        "conversation each (- reads stdin)",
-    ),
-    "prompt": dict(metavar="TEXT", help="the user's message of the one answer to explain"),
-    "response": dict(metavar="TEXT", help="the assistant's answer to explain"),
-    "top_k": dict(help="proponents (highest scores) and opponents (lowest) to list"),
-    "func": dict(choices=["dot", "cosine", "both"], help="rank by which score function(s)"),
-    "format": dict(choices=["table", "json"], help="table (text starts) or json (texts in full)"),
-    "dataset": dict(help="the train run's dataset, for the texts (default: its manifest's)"),
-    "device": dict(help="cpu, cuda, cuda:N (default: cuda if available)"),
-    "memory_gb": dict(help="scoring memory budget in GiB (default: as gradproj score)"),
-    "precondition": SCORE_OPTIONS["precondition"]
-    | dict(
-        help="curvature correction, as gradproj score's --precondition (default: gram where "
-        "the train run's vectors are projected, the ranking that explains best; none otherwise)"
-    ),
-    **{name: SCORE_OPTIONS[name] for name in ("damping", "curvature")},
-}
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """One argument per field of the dataclass `config`, in field order.
 
-ORIGINAL_OPTIONS = {
-    "original_json": dict(
-        nargs="+",
-        metavar="DIR",
-        help="folders of the original's JSON lists (explainability/<dim>/<where>/<func>), "
-        "the reference first",
-    ),
-    "output": dict(help="directory for original_json.csv and original_json_summary.csv"),
-    "nan_id": dict(help="the id the notebook drops from every list"),
-}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config: type, options: dict) -> None:
-    """One argument per field of the dataclass `config`, in the order of `options`.
-
-    Name, default and type come from the field; `options[name]` adds help and, where needed,
-    flag, choices, nargs, metavar, or positional=True (then optional, default None, so that a
-    command can tell a missing positional from a given one)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    if fields.keys() != options.keys():
-        raise RuntimeError(
-            f"{config.__name__} and its CLI options differ in {sorted(fields.keys() ^ options)}:"
-            " give every field an entry in gradproj/cli.py"
-        )
+    Name, default and type come from the field, the help text and any flag, nargs, metavar or
+    positional=True (then optional, default None, so that a command can tell a missing
+    positional from a given one) from its `gradproj.options.option` metadata, the choices from a
+    `Literal[...]` type. A field without help fails the parser build."""
     hints = typing.get_type_hints(config)
-    for name, spec in options.items():
-        spec = dict(spec)
-        kind = _scalar_type(hints[name])
-        if spec.pop("positional", False):
-            parser.add_argument(name, nargs="?", type=kind, **spec)
-            continue
-        flag = spec.pop("flag", f"--{name}")
-        default = _default(fields[name])
-        shown = default is not None and default is not False and default is not dataclasses.MISSING
-        if shown and "default" not in spec["help"]:
-            text = " ".join(map(str, default)) if isinstance(default, tuple) else default
-            spec["help"] += f" (default: {text})"
-        if kind is bool:
-            if default is not False:
-                raise RuntimeError(f"{config.__name__}.{name}: a flag must default to False")
-            parser.add_argument(flag, dest=name, action="store_true", **spec)
-        elif default is dataclasses.MISSING:
-            parser.add_argument(flag, dest=name, type=kind, required=True, **spec)
-        else:
-            parser.add_argument(flag, dest=name, type=kind, default=default, **spec)
+    for field in dataclasses.fields(config):
+        if options.HELP not in field.metadata:
+            raise RuntimeError(
+                f"{config.__name__}.{field.name} has no help: declare it with options.option"
+            )
+        spec = {"help": field.metadata[options.HELP], **field.metadata[options.ARGPARSE]}
+        if (choices := options.choices(hints[field.name])) is not None:
+            spec["choices"] = choices
+        _add_argument(parser, config, field, _scalar_type(hints[field.name]), spec)
+
+
+def _add_argument(parser, config: type, field: dataclasses.Field, kind: Callable, spec: dict):
+    name = field.name
+    if spec.pop("positional", False):
+        parser.add_argument(name, nargs="?", type=kind, **spec)
+        return
+    flag = spec.pop("flag", f"--{name}")
+    default = _default(field)
+    shown = default is not None and default is not False and default is not dataclasses.MISSING
+    if shown and "default" not in spec["help"]:
+        text = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        spec["help"] += f" (default: {text})"
+    if kind is bool:
+        if default is not False:
+            raise RuntimeError(f"{config.__name__}.{name}: a flag must default to False")
+        parser.add_argument(flag, dest=name, action="store_true", **spec)
+    elif default is dataclasses.MISSING:
+        parser.add_argument(flag, dest=name, type=kind, required=True, **spec)
+    else:
+        parser.add_argument(flag, dest=name, type=kind, default=default, **spec)
 
 
 def _default(field: dataclasses.Field):
@@ -352,7 +164,7 @@ def _scalar_type(hint) -> Callable:
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.extract import ExtractConfig
 
-    add_config_arguments(parser, ExtractConfig, EXTRACT_OPTIONS)
+    add_config_arguments(parser, ExtractConfig)
     # Kept for the original command line; `gradproj verify` / `gradproj merge` do the same.
     parser.add_argument("--verify", metavar="RUN_DIR", help="check a run's shards and exit")
     parser.add_argument("--merge", metavar="RUN_DIR", help="rebuild a run's manifest.json and exit")
@@ -477,7 +289,7 @@ def merge_run(path: str) -> int:
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.influence import ScoreConfig
 
-    add_config_arguments(parser, ScoreConfig, SCORE_OPTIONS)
+    add_config_arguments(parser, ScoreConfig)
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -498,7 +310,7 @@ def run_score(args: argparse.Namespace) -> int:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.analysis import CompareConfig
 
-    add_config_arguments(parser, CompareConfig, COMPARE_OPTIONS)
+    add_config_arguments(parser, CompareConfig)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -515,7 +327,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.query import QueryConfig
 
-    add_config_arguments(parser, QueryConfig, QUERY_OPTIONS)
+    add_config_arguments(parser, QueryConfig)
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -532,14 +344,14 @@ def run_query(args: argparse.Namespace) -> int:
 def add_original_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.analysis.original_json import OriginalJsonConfig
 
-    add_config_arguments(parser, OriginalJsonConfig, ORIGINAL_OPTIONS)
+    add_config_arguments(parser, OriginalJsonConfig)
 
 
 def run_original(args: argparse.Namespace) -> int:
     from gradproj.analysis.original_json import OriginalJsonConfig, compare_original_json
     from gradproj.analysis.report import markdown_table
 
-    config = OriginalJsonConfig(**vars(args)).validate()
+    config = OriginalJsonConfig(**vars(args))
     reference, *candidates = config.original_json
     table = compare_original_json(reference, candidates, config.output, config.nan_id)
     print(markdown_table(table), end="")
@@ -550,7 +362,7 @@ def run_original(args: argparse.Namespace) -> int:
 def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     from gradproj.retrain import RetrainConfig
 
-    add_config_arguments(parser, RetrainConfig, RETRAIN_OPTIONS)
+    add_config_arguments(parser, RetrainConfig)
 
 
 def run_retrain(args: argparse.Namespace) -> int:
@@ -578,9 +390,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from gradproj.plan import PLAN_OPTIONS, PlanConfig
+    from gradproj.plan import PlanConfig
 
-    add_config_arguments(parser, PlanConfig, PLAN_OPTIONS)
+    add_config_arguments(parser, PlanConfig)
 
 
 def run_plan(args: argparse.Namespace) -> int:

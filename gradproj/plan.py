@@ -21,8 +21,10 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from gradproj.errors import UserError
+from gradproj.options import option
 
 # --- The original study (/work/shared/DESIGN.md): its setting and reported costs on one H100 ---
 ORIGINAL_EXAMPLES = 381_000
@@ -109,24 +111,48 @@ KNOWN_SHAPES = {
 class PlanConfig:
     """Options of `gradproj plan`; `validate` is the one place they are checked."""
 
-    model: str | None = None
-    hidden_size: int | None = None
-    layers: int | None = None
-    params: float | None = None
-    n_examples: int | None = None
-    mean_tokens: float | None = None
-    lengths: Path | None = None
-    dataset: str | None = None
-    dataset_split: str = "train"
-    paradigm: str = "sft"
-    max_seq_length: int = 4096
-    proj_dim: str = "8192,16384,204800,2048000"
-    proj_type: str = "rademacher"
-    gpu: str = "h100"
-    gpus: int = 1
-    proj_memory_gb: float | None = None
-    original: bool = False
-    calibration: Path | None = None
+    model: str | None = option(
+        None,
+        "hub id, local directory or bundled:<name> (its config is read)",
+    )
+    hidden_size: int | None = option(None, "hidden size (instead of, or over, --model)")
+    layers: int | None = option(None, "transformer layers (instead of, or over, --model)")
+    params: float | None = option(None, "parameters, e.g. 7.3e9 (instead of, or over, --model)")
+    n_examples: int | None = option(None, "examples in the split")
+    mean_tokens: float | None = option(
+        None,
+        "tokens per example, before truncation (all assumed equal)",
+    )
+    lengths: Path | None = option(
+        None,
+        "a run directory, its manifest.json, or a file of token counts",
+    )
+    dataset: str | None = option(
+        None,
+        "a dataset to tokenize with --model's tokenizer (as gradproj extract)",
+    )
+    dataset_split: str = option("train", "split or slice of --dataset")
+    paradigm: str = option("sft", "sft, pre or mlm, for --dataset")
+    max_seq_length: int = option(4096, "truncation length")
+    proj_dim: str = option(
+        "8192,16384,204800,2048000",
+        "dims, comma-separated; 'full' adds the full gradient",
+    )
+    proj_type: str = option("rademacher", "rademacher, normal, sjlt, kronecker, comma-separated")
+    gpu: Literal[DEVICES] = option("h100", "device kind")
+    gpus: int = option(1, "devices sharing the split (a SLURM job array)")
+    proj_memory_gb: float | None = option(
+        None,
+        "projection memory budget (default: as gradproj extract)",
+    )
+    original: bool = option(
+        False,
+        "also print what the original pipeline would take for the same work",
+    )
+    calibration: Path | None = option(
+        None,
+        "a gpu_results.md of bench/gpu_all.sh: its measured rates replace the estimates",
+    )
 
     def __post_init__(self):
         self.validate()
@@ -534,27 +560,3 @@ def print_plan(cfg: PlanConfig) -> None:
             value = f"{rate.value / 1e12:,.2f} TFLOP/s"
         lines.append(f"  {name}: {value} ({rate.origin})")
     print("\n".join(lines))
-
-
-PLAN_OPTIONS = {
-    "model": dict(help="hub id, local directory or bundled:<name> (its config is read)"),
-    "hidden_size": dict(help="hidden size (instead of, or over, --model)"),
-    "layers": dict(help="transformer layers (instead of, or over, --model)"),
-    "params": dict(help="parameters, e.g. 7.3e9 (instead of, or over, --model)"),
-    "n_examples": dict(help="examples in the split"),
-    "mean_tokens": dict(help="tokens per example, before truncation (all assumed equal)"),
-    "lengths": dict(help="a run directory, its manifest.json, or a file of token counts"),
-    "dataset": dict(help="a dataset to tokenize with --model's tokenizer (as gradproj extract)"),
-    "dataset_split": dict(help="split or slice of --dataset"),
-    "paradigm": dict(help="sft, pre or mlm, for --dataset"),
-    "max_seq_length": dict(help="truncation length"),
-    "proj_dim": dict(help="dims, comma-separated; 'full' adds the full gradient"),
-    "proj_type": dict(help="rademacher, normal, sjlt, kronecker, comma-separated"),
-    "gpu": dict(choices=list(DEVICES), help="device kind"),
-    "gpus": dict(help="devices sharing the split (a SLURM job array)"),
-    "proj_memory_gb": dict(help="projection memory budget (default: as gradproj extract)"),
-    "original": dict(help="also print what the original pipeline would take for the same work"),
-    "calibration": dict(
-        help="a gpu_results.md of bench/gpu_all.sh: its measured rates replace the estimates"
-    ),
-}

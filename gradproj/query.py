@@ -18,11 +18,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Literal
 
 from gradproj import curvature, data, influence, models, scoredir, store
 from gradproj.errors import UserError
+from gradproj.options import check, option
 
 FORMATS = ("table", "json")
 QUERY_SPLIT = "train"  # the split name of the temporary query dataset
@@ -34,54 +34,50 @@ DATASET_OPTIONS = ("dataset", "dataset_split", "limit", "start", "end")
 
 
 @dataclass
-class QueryConfig:
-    train: str
-    messages: str | None = None
-    prompt: str | None = None
-    response: str | None = None
-    top_k: int = 10
-    func: str = "both"
-    format: str = "table"
-    dataset: str | None = None
-    device: str | None = None
-    memory_gb: float | None = None
-    precondition: str | None = None  # None: gram where the train run supports it, else none
-    damping: float = curvature.DEFAULT_DAMPING
-    curvature: str | None = None
+class QueryConfig(influence.ScoringOptions):
+    train: str = option(help="train run directory (gradproj extract) to explain against")
+    messages: str | None = option(
+        None,
+        "the answers to explain: JSON lines in the train dataset's format, one conversation "
+        "each (- reads stdin)",
+        metavar="FILE",
+    )
+    prompt: str | None = option(
+        None, "the user's message of the one answer to explain", metavar="TEXT"
+    )
+    response: str | None = option(None, "the assistant's answer to explain", metavar="TEXT")
+    top_k: int = option(10, "proponents (highest scores) and opponents (lowest) to list")
+    func: Literal[influence.FUNC_CHOICES] = option("both", "rank by which score function(s)")
+    format: Literal[FORMATS] = option("table", "table (text starts) or json (texts in full)")
+    dataset: str | None = option(
+        None, "the train run's dataset, for the texts (default: its manifest's)"
+    )
+    device: str | None = influence.device_option()
+    memory_gb: float | None = option(
+        None, "scoring memory budget in GiB (default: as gradproj score)"
+    )
+    # None: run_query picks gram where the train run supports it, else none
+    precondition: Literal[influence.PRECONDITIONERS] | None = option(
+        None,
+        "curvature correction, as gradproj score's --precondition (default: gram where the "
+        "train run's vectors are projected, the ranking that explains best; none otherwise)",
+    )
+    damping: float = influence.damping_option()
+    curvature: str | None = influence.curvature_option()
 
     def __post_init__(self):
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.validate()
-
-    def validate(self) -> None:
         pair = (self.prompt is not None, self.response is not None)
-        checks = [
-            (
-                (self.messages is not None) != any(pair),
-                "give the answer to explain as --messages FILE (or -) or as --prompt and "
-                "--response, not both",
-            ),
-            (all(pair) or not any(pair), "--prompt and --response go together; give both"),
-            (self.top_k >= 1, "--top_k must be at least 1"),
-            (
-                self.precondition in (None, *influence.PRECONDITIONERS),
-                f"--precondition {self.precondition!r}: use "
-                + ", ".join(influence.PRECONDITIONERS),
-            ),
-            (self.format in FORMATS, f"--format {self.format!r}: use table or json"),
-            (
-                self.func in influence.FUNC_CHOICES,
-                f"--func {self.func!r}: use dot, cosine or both",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        curvature.check_options(self.damping, self.curvature)
-
-    @property
-    def functions(self) -> tuple[str, ...]:
-        return influence.FUNCTIONS if self.func == "both" else (self.func,)
+        check(
+            [
+                (
+                    (self.messages is not None) != any(pair),
+                    "give the answer to explain as --messages FILE (or -) or as --prompt and "
+                    "--response, not both",
+                ),
+                (all(pair) or not any(pair), "--prompt and --response go together; give both"),
+            ]
+        )
+        self.check_scoring_options()
 
 
 # --- The queries ---

@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from tqdm import tqdm
 from gradproj import __version__, data, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.gradients import pad_batch, per_example_mean_loss
+from gradproj.options import option
 
 RETRAIN_FORMAT = "gradproj-retrain/1"
 PARTS_SUFFIX = ".parts"
@@ -63,28 +65,35 @@ PREFIX_RTOL = 1e-5
 
 @dataclass
 class RetrainConfig:
-    """Options of `gradproj retrain`; `validate` is the one place they are checked."""
+    """Options of `gradproj retrain`, checked on construction."""
 
-    model: str
-    train_dataset: str
-    test_dataset: str
-    output: Path
-    checkpoint_nr: int = 0
-    train_split: str = "train"
-    test_split: str = "train"
-    paradigm: str = "sft"
-    max_seq_length: int = 256
-    n_subsets: int = 32
-    fraction: float = 0.5
-    seed: int = 0
-    train_layers: int = 2
-    epochs: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    batch_size: int = 8
-    threads: int = 2
+    model: str = option(help="hub id, local directory, or bundled:<name>")
+    train_dataset: str = option(
+        help="the train examples (.json/.jsonl/.parquet, a directory, a hub id)",
+    )
+    test_dataset: str = option(help="the test examples whose losses are recorded")
+    output: Path = option(
+        help=(
+            "the ground-truth file to write (.safetensors); a rerun resumes it, and processes "
+            "given the same output share the work"
+        ),
+    )
+    checkpoint_nr: int = option(0, "index into the model's checkpoints")
+    train_split: str = option("train", "split or slice of the train examples")
+    test_split: str = option("train", "split or slice of the test examples")
+    paradigm: Literal[CAUSAL_PARADIGMS] = option("sft", "loss: sft (assistant turns) or pre")
+    max_seq_length: int = option(256, "truncate each example to this many tokens")
+    n_subsets: int = option(32, "number of random train subsets M")
+    fraction: float = option(0.5, "fraction of the train examples in each subset")
+    seed: int = option(0, "seed of the subsets and their training order")
+    train_layers: int = option(2, "how many of the last decoder layers are fine-tuned")
+    epochs: int = option(1, "epochs over each subset")
+    lr: float = option(2e-4, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    batch_size: int = option(8, "examples per optimizer step")
+    threads: int = option(2, "torch CPU threads")
 
-    def validate(self) -> RetrainConfig:
+    def __post_init__(self):
         self.output = Path(self.output)
         checks = [
             (self.paradigm in CAUSAL_PARADIGMS, f"--paradigm must be one of {CAUSAL_PARADIGMS}"),
@@ -523,7 +532,6 @@ def retrain(cfg: RetrainConfig) -> Path:
     """Write the ground truth for `cfg` (resuming from its parts); returns its path. Runs with
     `cfg.threads` torch threads and gives the caller back its own count (the thread count
     changes the last bits of every later computation in the process)."""
-    cfg.validate()  # first: the thread count is set from it
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads)

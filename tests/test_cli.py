@@ -13,7 +13,9 @@ import compare_projections
 import extract_gradients
 import score_influence
 from gradproj import cli
+from gradproj.errors import UserError
 from gradproj.influence import ScoreConfig
+from gradproj.options import option
 from gradproj.plan import PlanConfig
 from tests.conftest import REPO, conversations, write_jsonl
 
@@ -44,11 +46,20 @@ def test_parsed_defaults_equal_the_config_defaults(config, argv):
 def test_a_field_without_help_fails_the_parser_build():
     @dataclasses.dataclass
     class Config:
-        a: int = 1
+        a: int = option(1, "x")
         b: int = 2
 
-    with pytest.raises(RuntimeError, match=r"\['b'\]"):
-        cli.add_config_arguments(cli.argparse.ArgumentParser(), Config, {"a": {"help": "x"}})
+    with pytest.raises(RuntimeError, match=r"Config\.b has no help"):
+        cli.add_config_arguments(cli.argparse.ArgumentParser(), Config)
+
+
+def test_a_literal_type_is_the_options_choices_on_the_command_line_and_in_python(capsys):
+    parser = cli.COMMANDS["score"].parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train", "a", "--test", "b", "--func", "l2"])
+    assert "invalid choice: 'l2' (choose from 'dot', 'cosine', 'both')" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--func 'l2': use dot, cosine or both"):
+        ScoreConfig("a", "b", func="l2")
 
 
 def test_option_types_come_from_the_field_types():

@@ -18,6 +18,7 @@ from gradproj.analysis.scores import align_to, check_provenance
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
 from gradproj.errors import UserError
+from gradproj.options import option
 from gradproj.scoredir import ScoreDir, load_score_dir
 
 DENSE_TYPES = ("rademacher", "normal")
@@ -26,27 +27,76 @@ GROUP = ["comparison", "candidate", "projection_type", "dim", "function", "metri
 
 @dataclass
 class CompareConfig:
-    """Options of compare_projections.py; `validate` is the one place they are checked."""
+    """Options of compare_projections.py, checked on construction."""
 
-    reference: Path
-    candidates: list[Path]
-    output: Path
-    reference_run: Path | None = None
-    test_run: Path | None = None
-    emulate_original: bool = False
-    fp16_runs: tuple[Path, Path] | None = None  # train, test runs extracted with --dtype fp16
-    top_ks: tuple[int, ...] = TOP_KS
-    n_permutations: int = 1000
-    n_bootstrap: int = 2000
-    seed: int = 0
-    flag_margin: float = 0.1
-    device: str = "cpu"
-    retrieval: bool = False
-    retrieval_methods: list[Path] = field(default_factory=list)
-    source_field: str = SOURCE_FIELD
-    lds: Path | None = None  # ground truth of `gradproj retrain`: adds lds.csv
+    reference: Path = option(help="score directory of the reference (usually the full gradients)")
+    candidates: list[Path] = option(
+        help="score directories of the projections to compare",
+        nargs="+",
+    )
+    output: Path = option(help="directory for metrics.csv, summary.csv, figures and report.md")
+    reference_run: Path | None = option(
+        None,
+        "full-gradient run of the train examples (gradient norms, emulation); default: the "
+        "train_run recorded in the reference scores",
+    )
+    test_run: Path | None = option(
+        None,
+        "full-gradient run of the test examples; default: from the scores",
+    )
+    emulate_original: bool = option(
+        False,
+        "also emulate the original pipeline step by step (ablation table)",
+    )
+    fp16_runs: tuple[Path, Path] | None = option(
+        None,
+        "full-gradient runs extracted with --dtype fp16 (the emulation's fp16_model step); "
+        "default: the fp32 gradients rounded to fp16",
+        nargs=2,
+        metavar=("TRAIN_RUN", "TEST_RUN"),
+    )
+    top_ks: tuple[int, ...] = option(
+        TOP_KS,
+        "k of top-k overlap and NDCG@k",
+        flag="--top_k",
+        nargs="+",
+        metavar="K",
+    )
+    n_permutations: int = option(1000, "permutations of the permutation tests")
+    n_bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals")
+    seed: int = option(0, "seed of the permutation tests, bootstrap and theory simulation")
+    flag_margin: float = option(
+        0.1,
+        "flag a measured median Kendall tau this far below the prediction",
+    )
+    device: str = option("cpu", "device of the emulated projections")
+    retrieval: bool = option(
+        False,
+        "also rank each test example's known source train example (retrieval.csv): the compared "
+        "scores, --retrieval_methods, BM25 and a random ranking",
+    )
+    retrieval_methods: list[Path] = option(
+        help=(
+            "more score directories for the retrieval (and --lds) table only (other targets: "
+            "params, hidden), over the same examples; implies --retrieval"
+        ),
+        default_factory=list,
+        nargs="+",
+        metavar="DIR",
+    )
+    source_field: str = option(
+        SOURCE_FIELD,
+        "test set column naming each test example's source train id, or a JSON list of ids (e.g."
+        " related_ids: the best-ranked of them counts)",
+    )
+    lds: Path | None = option(
+        None,
+        "ground truth of gradproj retrain: adds lds.csv, the linear datamodeling score of every "
+        "score directory given (with --retrieval_methods), BM25 and a random ranking",
+        metavar="FILE",
+    )
 
-    def validate(self) -> "CompareConfig":
+    def __post_init__(self):
         self.reference = Path(self.reference)
         self.candidates = [Path(c) for c in self.candidates]
         self.output = Path(self.output)
@@ -73,7 +123,6 @@ class CompareConfig:
         self.retrieval = self.retrieval or bool(self.retrieval_methods)
         if self.retrieval and not self.source_field:
             raise UserError("--source_field is empty; name the test set's source column")
-        return self
 
 
 @dataclass
@@ -430,7 +479,6 @@ def compare_projections(config: CompareConfig) -> Comparison:
     a progress line on stderr names the step that runs."""
     from gradproj.analysis.report import write_outputs
 
-    config.validate()
     notes: list[str] = []
     steps = 7 + config.emulate_original + config.retrieval + (config.lds is not None)
     with tqdm(total=steps, desc="compare", unit="step", file=sys.stderr) as bar:

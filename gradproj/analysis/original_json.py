@@ -22,6 +22,7 @@ import pandas as pd
 from gradproj.analysis.metrics import kendall_tau_b, spearman_rho
 from gradproj.analysis.original import ZERO_GRADIENT_ID
 from gradproj.errors import UserError
+from gradproj.options import option
 
 WAYS = ("notebook", "correct")
 
@@ -30,16 +31,22 @@ WAYS = ("notebook", "correct")
 class OriginalJsonConfig:
     """Options of `gradproj original` (`compare_projections.py --original_json`)."""
 
-    original_json: list[Path]
-    output: Path
-    nan_id: str = ZERO_GRADIENT_ID
+    original_json: list[Path] = option(
+        help=(
+            "folders of the original's JSON lists (explainability/<dim>/<where>/<func>), the "
+            "reference first"
+        ),
+        nargs="+",
+        metavar="DIR",
+    )
+    output: Path = option(help="directory for original_json.csv and original_json_summary.csv")
+    nan_id: str = option(ZERO_GRADIENT_ID, "the id the notebook drops from every list")
 
-    def validate(self) -> "OriginalJsonConfig":
+    def __post_init__(self):
         self.original_json = [Path(p) for p in self.original_json]
         self.output = Path(self.output)
         if len(self.original_json) < 2:
             raise UserError("--original_json needs a reference folder and at least one candidate")
-        return self
 
 
 def original_list_dir(root: Path, dim: int, where: str, function: str) -> Path:

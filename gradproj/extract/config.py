@@ -8,6 +8,7 @@ import torch
 
 from gradproj import data, models
 from gradproj.errors import UserError
+from gradproj.options import option
 from gradproj.projection import (
     FULL,
     PROJ_TYPES,
@@ -36,33 +37,65 @@ SECOND_TARGET_OUTPUTS = {
 
 @dataclass
 class ExtractConfig:
-    model: str
-    dataset: str
-    checkpoint_nr: int = 0
-    dataset_split: str = "train"
-    paradigm: str = "sft"
-    mode: str = "store"
-    random_projection: bool = False
-    proj_dim: list | str | None = None  # None: the target's default (see _target_defaults)
-    proj_type: str | list | None = None
-    proj_seed: int = 42
-    proj_memory_gb: float | None = None
-    gradients_per_file: int = 1000
-    gradients_output_path: str = "./gradients"
-    skip_if_gradient_folder_exists: bool = False
-    max_seq_length: int = 4096
-    dtype: str = "auto"
-    save_dtype: str = "fp32"
-    device: str | None = None
-    batch_tokens: int | None = None
-    limit: int | None = None
-    start: int | None = None
-    end: int | None = None
-    target: str = "embeddings"
-    modules: str | list | None = None
-    include_lm_head: bool = False
-    full: bool = False
-    skip_invalid_rows: bool = False
+    model: str = option(help="hub id, local directory, or bundled:<name>", positional=True)
+    dataset: str = option(
+        help="hub id, .json/.jsonl/.parquet, or save_to_disk dir",
+        positional=True,
+    )
+    checkpoint_nr: int = option(0, "index into the model's checkpoints", positional=True)
+    dataset_split: str = option("train", "split or slice, e.g. train[0:100]")
+    paradigm: str = option("sft", "sft, pre or mlm")
+    mode: str = option("store", "store (each gradient) or store_mean")
+    random_projection: bool = option(False, "project the gradients")
+    # None: the target's default (see _target_defaults)
+    proj_dim: list | str | None = option(
+        None,
+        "dims, comma-separated; 'full' adds the full gradient (default 16384; with --target "
+        "params and kronecker: per layer, e.g. 16x16, the default)",
+    )
+    proj_type: str | list | None = option(
+        None,
+        "rademacher, normal, sjlt, kronecker (default rademacher; kronecker for params)",
+    )
+    proj_seed: int = option(42, "seed of the random projection")
+    proj_memory_gb: float | None = option(None, "projection memory budget")
+    gradients_per_file: int = option(1000, "examples per shard")
+    gradients_output_path: str = option("./gradients", "root of the run directories")
+    skip_if_gradient_folder_exists: bool = option(
+        False,
+        "do nothing when every output directory exists",
+    )
+    max_seq_length: int = option(4096, "truncate each example to this many tokens")
+    dtype: str = option("auto", "model dtype: auto (fp32 CPU, bf16 CUDA), fp32, bf16, fp16")
+    save_dtype: str = option("fp32", "full gradients on disk: fp32 or bf16")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
+    batch_tokens: int | None = option(None, "token budget per batch (1024 on CPU, 8192 on CUDA)")
+    limit: int | None = option(None, "only the first N examples")
+    start: int | None = option(None, "first example of this task's range")
+    end: int | None = option(None, "end (exclusive) of this task's range")
+    target: str = option(
+        "embeddings",
+        "embeddings (d loss / d input embeddings), params (weights of linear layers; projected "
+        "by default, see docs/projection.md) or hidden (no gradient: the mean last hidden state,"
+        " a representation baseline); several, comma-separated, share one pass: the projection "
+        "options then apply to the first gradient target listed, and a second takes its default "
+        "(params: kronecker 16x16; embeddings: full)",
+        metavar="TARGET[,TARGET...]",
+    )
+    modules: str | list | None = option(
+        None,
+        "params: linear layers by name, e.g. '*.mlp.*' (default: all but the LM head)",
+        metavar="GLOB[,GLOB...]",
+    )
+    include_lm_head: bool = option(False, "params: add the LM head")
+    full: bool = option(
+        False,
+        "add the exact gradient; with --target params and no --random_projection, only it",
+    )
+    skip_invalid_rows: bool = option(
+        False,
+        "record rows the paradigm cannot use in the manifest's skipped, and go on",
+    )
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")

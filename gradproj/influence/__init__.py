@@ -7,7 +7,16 @@
 computation (`compute_scores`) and the command (`score_influence`).
 """
 
-from gradproj.influence.config import FUNC_CHOICES, FUNCTIONS, PRECONDITIONERS, ScoreConfig
+from gradproj.influence.config import (
+    FUNC_CHOICES,
+    FUNCTIONS,
+    PRECONDITIONERS,
+    ScoreConfig,
+    ScoringOptions,
+    curvature_option,
+    damping_option,
+    device_option,
+)
 from gradproj.influence.kernel import Scorer, Scores, Scoring, ranked, topk_positions
 from gradproj.influence.memory import available_host_bytes
 from gradproj.influence.provenance import check_compatible, open_run, scoring_identity
@@ -15,6 +24,7 @@ from gradproj.influence.scoring import compute_scores, score_influence, warn_exc
 
 __all__ = [
     "FUNCTIONS", "FUNC_CHOICES", "PRECONDITIONERS", "ScoreConfig", "Scorer", "Scores", "Scoring",
-    "available_host_bytes", "check_compatible", "compute_scores", "open_run", "ranked",
+    "ScoringOptions", "available_host_bytes", "check_compatible", "compute_scores",
+    "curvature_option", "damping_option", "device_option", "open_run", "ranked",
     "score_influence", "scoring_identity", "topk_positions", "warn_excluded",
 ]  # fmt: skip

@@ -201,7 +201,9 @@ class Scorer:
             blocks["test"] += 1
         return self.trim(matrices, train_meta, test_meta, train_norms, test_norms, blocks)
 
-    def score_pair(self, test: ExampleBlock, train: ExampleBlock, matrices: dict, row: int, col: int) -> None:
+    def score_pair(
+        self, test: ExampleBlock, train: ExampleBlock, matrices: dict, row: int, col: int
+    ) -> None:
         dot = block_dot(test, train)
         values = {"dot": dot}
         if "cosine" in matrices:
