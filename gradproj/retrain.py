@@ -44,7 +44,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from gradproj import __version__, data, store
+from gradproj import data, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.gradients import pad_batch, per_example_mean_loss
 from gradproj.options import option
@@ -567,7 +567,7 @@ def _retrain(cfg: RetrainConfig) -> Path:
         "subset_seeds": [[cfg.seed, s] for s in range(cfg.n_subsets)],
         "settings": cfg.settings(),
         "threads": cfg.threads,  # fp32 sums may round differently with another thread count
-        "versions": versions(),
+        "versions": models.versions("torch", "transformers"),
     }
     began = time.time()
     lock = cfg.output.with_name(f".{cfg.output.name}.lock")
@@ -663,13 +663,3 @@ def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
     store.write_safetensors(tensors, output, info)
     for leftover in [parts, *parts.parent.glob(f".{parts.name}.new-*")]:
         shutil.rmtree(leftover)
-
-
-def versions() -> dict:
-    import transformers
-
-    return {
-        "gradproj": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }

@@ -8,7 +8,7 @@ import torch
 
 from gradproj import data, models
 from gradproj.errors import UserError
-from gradproj.options import option
+from gradproj.options import check, option, resolve_device
 from gradproj.projection import (
     FULL,
     PROJ_TYPES,
@@ -98,7 +98,7 @@ class ExtractConfig:
     )
 
     def __post_init__(self):
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(self.device)
         # CPU: small batches stay in cache (measured: 1024 tokens ran 2.3x faster than 8192)
         if self.batch_tokens is None:  # 0 is refused by validate, not taken for the default
             self.batch_tokens = 8192 if self.device.startswith("cuda") else 1024
@@ -149,13 +149,7 @@ class ExtractConfig:
                 "--modules and --include_lm_head choose layers for --target params only",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        if not self.device.startswith(("cpu", "cuda")):
-            raise UserError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but no CUDA device is visible")
+        check(checks)
 
     def _outputs_of(self, name: str) -> list[OutputSpec]:
         """What one pass writes for a target, each output its own run directory."""
@@ -165,7 +159,7 @@ class ExtractConfig:
             return parse_outputs(self.proj_dim, self.proj_type)
         return SECOND_TARGET_OUTPUTS[name]
 
-    def identity(self, target: str) -> dict:
+    def run_identity(self, target: str) -> dict:
         """What a run directory of `target` records as the options that decide its bytes."""
         identity = {key: getattr(self, key) for key in IDENTITY} | {"target": target}
         if target == "params":

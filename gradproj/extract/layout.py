@@ -64,14 +64,14 @@ def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
         if problem is None:
             previous = store.Run(path).manifest.get("identity", {})
         elif store.shard_files(path):
-            previous = shards_identity(path, cfg.identity(target) | {"output": spec.name})
+            previous = shards_identity(path, cfg.run_identity(target) | {"output": spec.name})
             print(
                 f"note: {path} {problem}; it is rebuilt from the metadata of its shards",
                 file=sys.stderr,
             )
         else:
             continue
-        diff = [k for k, v in cfg.identity(target).items() if previous.get(k) != v]
+        diff = [k for k, v in cfg.run_identity(target).items() if previous.get(k) != v]
         if diff:
             raise UserError(
                 f"{path} holds a run with different options ({', '.join(diff)}); "

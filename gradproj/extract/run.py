@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from gradproj import __version__, data, models, store
+from gradproj import data, models, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.extract.config import SAVE_DTYPES, ExtractConfig
 from gradproj.extract.layout import check_existing, is_complete, run_dirs
@@ -101,22 +101,7 @@ def run_header(cfg: ExtractConfig, checkpoint, model, n_rows: int) -> dict:
         "shard_size": n_rows if cfg.mode == "store_mean" else cfg.gradients_per_file,
         "identity": None,
         "options": asdict(cfg),
-        "versions": versions(),
-    }
-
-
-def versions() -> dict:
-    import datasets
-    import safetensors
-    import transformers
-
-    return {
-        "gradproj": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "safetensors": safetensors.__version__,
+        "versions": models.versions("python", "torch", "transformers", "datasets", "safetensors"),
     }
 
 
@@ -136,7 +121,7 @@ class Extractor:
         self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
 
     def header_for(self, target: str, spec) -> dict:
-        identity = self.cfg.identity(target)
+        identity = self.cfg.run_identity(target)
         common = {
             "target": target,
             "identity": identity,
