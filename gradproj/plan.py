@@ -109,7 +109,7 @@ KNOWN_SHAPES = {
 
 @dataclass
 class PlanConfig:
-    """Options of `gradproj plan`; `validate` is the one place they are checked."""
+    """Options of `gradproj plan`, checked on construction."""
 
     model: str | None = option(
         None,
@@ -155,9 +155,6 @@ class PlanConfig:
     )
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
         from gradproj.data import PARADIGMS
         from gradproj.projection import PROJ_TYPES, parse_dims
 

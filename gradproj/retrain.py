@@ -124,7 +124,7 @@ class RetrainConfig:
         return self
 
     def check_train_size(self, n_train: int) -> None:
-        """What `validate` cannot check before the train examples are read: subsets that
+        """What construction cannot check before the train examples are read: subsets that
         differ. `subset_plan` draws `subset_size` examples; all of them would be one subset."""
         if subset_size(n_train, self.fraction) == n_train:
             raise UserError(

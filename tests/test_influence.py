@@ -140,7 +140,8 @@ def test_scores_match_fp64_brute_force(real_runs, variant, tmp_path):
         assert max_relative_error(tensors[name], reference[name]) < TOLERANCE, name
 
 
-@pytest.mark.parametrize("chunk_coords", [influence.kernel.CHUNK_COORDS, 10])  # 1 or 2 positions/chunk
+# 1 or 2 positions per chunk
+@pytest.mark.parametrize("chunk_coords", [influence.kernel.CHUNK_COORDS, 10])
 def test_ragged_bf16_scores_of_unequal_lengths_match_in_fp64(chunk_coords, tmp_path, monkeypatch):
     monkeypatch.setattr(influence.kernel, "CHUNK_COORDS", chunk_coords)
     gen = torch.Generator().manual_seed(0)

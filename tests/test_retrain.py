@@ -298,7 +298,7 @@ def test_duplicate_ids_are_refused(tiny_llama, own_data, tmp_path, capsys, which
 def test_options_out_of_range_are_refused_before_any_work(
     tiny_llama, toy_data, tmp_path, capsys, bad
 ):
-    """Cases 5 and 11: refused by RetrainConfig.validate, before the thread count is set or
+    """Cases 5 and 11: refused by RetrainConfig on construction, before the thread count is set or
     anything is written."""
     threads = torch.get_num_threads()
     out = tmp_path / "out" / "gt.safetensors"

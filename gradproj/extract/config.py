@@ -100,7 +100,7 @@ class ExtractConfig:
     def __post_init__(self):
         self.device = resolve_device(self.device)
         # CPU: small batches stay in cache (measured: 1024 tokens ran 2.3x faster than 8192)
-        if self.batch_tokens is None:  # 0 is refused by validate, not taken for the default
+        if self.batch_tokens is None:  # 0 is refused by _check_values, not taken for the default
             self.batch_tokens = 8192 if self.device.startswith("cuda") else 1024
         self.targets = self._parse_targets()
         # The projection options configure the first gradient target listed.
@@ -112,7 +112,7 @@ class ExtractConfig:
             self.proj_dim.append("full")
         if isinstance(self.proj_type, str):
             self.proj_type = [t.strip() for t in self.proj_type.split(",") if t.strip()]
-        self.validate()
+        self._check_values()
         self.outputs = {name: self._outputs_of(name) for name in self.targets}
 
     def _parse_targets(self) -> list[str]:
@@ -125,7 +125,7 @@ class ExtractConfig:
             )
         return names
 
-    def validate(self) -> None:
+    def _check_values(self) -> None:
         checks = [
             (self.paradigm in data.PARADIGMS, f"unknown paradigm {self.paradigm!r}"),
             (self.mode in MODES, f"unknown mode {self.mode!r}; use store or store_mean"),
