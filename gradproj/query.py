@@ -5,8 +5,8 @@ A front end that composes the two stages that already exist, so that a query's s
 `gradproj.extract.run_extraction` with the train run's own options (read from its manifest; only
 the dataset, the device and the output folder change), into a temporary run directory, and
 scored against the train run by `gradproj.influence.compute_scores`, as `gradproj score` does.
-The model is loaded once for every query of a file. Score-side options (the preconditioning of
-`gradproj score`, when it lands) belong in `score_config`, which builds the `ScoreConfig`.
+The model is loaded once for every query of a file. The options shared with `gradproj score`
+are declared and checked by `gradproj.influence.config`; `score_config` passes them on.
 """
 
 from __future__ import annotations
