@@ -1,9 +1,10 @@
 """The `gradproj` command and its subcommands; the top-level scripts are shims over it.
 
-Each command's options are derived from its config dataclass (name, default, type), so an option
-is declared once: the tables below add only what a dataclass cannot say (help, flag spelling,
-choices, nargs). A field without an entry, or an entry without a field, fails the parser build.
-Heavy modules (torch, transformers, pandas) are imported only by the command that runs.
+Each command's options are derived from its config dataclass, where an option is declared once:
+name, type and default are the field's, help (and flag spelling, nargs, metavar) its
+`gradproj.options.option` metadata, choices its `Literal` type. A field without help fails the
+parser build. This module holds the parsers and the dispatch only. Heavy modules (torch,
+transformers, pandas) are imported only by the command that runs.
 """
 
 from __future__ import annotations
