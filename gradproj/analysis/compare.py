@@ -18,7 +18,7 @@ from gradproj.analysis.scores import align_to, check_provenance
 from gradproj.analysis.stats import median_difference_permutation_test, summarize
 from gradproj.analysis.theory import norm_products, norm_products_from_scores, predicted_kendall
 from gradproj.errors import UserError
-from gradproj.options import option
+from gradproj.options import option, resolve_device
 from gradproj.scoredir import ScoreDir, load_score_dir
 
 DENSE_TYPES = ("rademacher", "normal")
@@ -123,6 +123,7 @@ class CompareConfig:
         self.retrieval = self.retrieval or bool(self.retrieval_methods)
         if self.retrieval and not self.source_field:
             raise UserError("--source_field is empty; name the test set's source column")
+        self.device = resolve_device(self.device)
 
 
 @dataclass
