@@ -68,7 +68,7 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def check(checks: list[tuple[bool, str]]) -> None:
+def require(checks: list[tuple[bool, str]]) -> None:
     """Raise the UserError of the first (ok, message) whose ok is false."""
     for ok, message in checks:
         if not ok:

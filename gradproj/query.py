@@ -22,7 +22,7 @@ from typing import Literal
 
 from gradproj import curvature, data, influence, models, scoredir, store
 from gradproj.errors import UserError
-from gradproj.options import check, option
+from gradproj.options import option, require
 
 FORMATS = ("table", "json")
 QUERY_SPLIT = "train"  # the split name of the temporary query dataset
@@ -67,7 +67,7 @@ class QueryConfig(influence.ScoringOptions):
 
     def __post_init__(self):
         pair = (self.prompt is not None, self.response is not None)
-        check(
+        require(
             [
                 (
                     (self.messages is not None) != any(pair),

@@ -32,6 +32,10 @@ def toy_data(tmp_path_factory):
     return train, test
 
 
+# The output of a config whose test only reads: a RetrainConfig needs one.
+UNWRITTEN = "unwritten.safetensors"
+
+
 def config(tiny_llama, toy_data, output, **changes) -> RetrainConfig:
     train, test = toy_data
     options = dict(model=str(tiny_llama), train_dataset=str(train), test_dataset=str(test),
@@ -94,7 +98,7 @@ def read_rows(path) -> list[dict]:
 def test_cached_prefix_losses_equal_the_full_models_losses(tiny_llama, toy_data):
     """The trained layers fed from the cache, with logits at label positions only, give the
     full model's per-example mean loss (gradients.per_example_mean_loss on all logits)."""
-    cfg = config(tiny_llama, toy_data, None)
+    cfg = config(tiny_llama, toy_data, UNWRITTEN)
     checkpoint = models.resolve_checkpoint(cfg.model, 0)
     tokenizer = models.load_tokenizer(checkpoint)
     examples, _ = retrain.read_examples(cfg, tokenizer, cfg.test_dataset, "train")
@@ -218,7 +222,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
 
 
 def tokenized(tiny_llama, data_files):
-    cfg = config(tiny_llama, data_files, None)
+    cfg = config(tiny_llama, data_files, UNWRITTEN)
     tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, 0))
     return [retrain.read_examples(cfg, tokenizer, str(path), "train")[0] for path in data_files]
 

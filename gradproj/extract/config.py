@@ -8,7 +8,7 @@ import torch
 
 from gradproj import data, models
 from gradproj.errors import UserError
-from gradproj.options import check, option, resolve_device
+from gradproj.options import option, require, resolve_device
 from gradproj.projection import (
     FULL,
     PROJ_TYPES,
@@ -149,7 +149,7 @@ class ExtractConfig:
                 "--modules and --include_lm_head choose layers for --target params only",
             ),
         ]
-        check(checks)
+        require(checks)
 
     def _outputs_of(self, name: str) -> list[OutputSpec]:
         """What one pass writes for a target, each output its own run directory."""

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from gradproj import curvature, store
-from gradproj.options import check, check_choices, option, resolve_device
+from gradproj.options import check_choices, option, require, resolve_device
 from gradproj.scoredir import FUNCTIONS
 
 FUNC_CHOICES = (*FUNCTIONS, "both")
@@ -47,7 +47,7 @@ class ScoringOptions:
     def check_scoring_options(self) -> None:
         """The shared checks; resolves `device` (the last check: it asks torch for CUDA)."""
         check_choices(self)
-        check(
+        require(
             [
                 (self.top_k >= 1, "--top_k must be at least 1"),
                 (self.memory_gb is None or self.memory_gb > 0, "--memory_gb must be positive"),
@@ -95,7 +95,7 @@ class ScoreConfig(ScoringOptions):
     curvature: str | None = curvature_option()
 
     def __post_init__(self):
-        check(
+        require(
             [
                 (not (self.output and self.where), "give --output or --where, not both"),
                 (self.dataset is None or self.mapped, "--dataset is only used with --mapped"),
