@@ -13,9 +13,9 @@ from typing import Any
 
 from gradproj.errors import UserError
 
+# Keys of an option's field metadata: its help text, and its other argparse keywords: flag (its
+# spelling, when not --<name>), nargs, metavar, or positional=True.
 HELP = "help"
-# The field's argparse keywords besides help: flag (its spelling, when not --<name>), nargs,
-# metavar, or positional=True.
 ARGPARSE = "argparse"
 
 
