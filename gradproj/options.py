@@ -55,6 +55,11 @@ def check_choices(config) -> None:
         raise UserError(f"--{field.name} {value!r}: use {listed}")
 
 
+def device_option() -> Any:
+    """`--device` of the commands that compute on one, resolved by `resolve_device`."""
+    return option(None, "cpu, cuda, cuda:N (default: cuda if available)")
+
+
 def resolve_device(device: str | None) -> str:
     """`--device` of every command: cuda when one is visible and none is named, else cpu; a
     named device must be cpu or cuda[:N], and cuda must be visible."""

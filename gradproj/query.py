@@ -22,7 +22,7 @@ from typing import Literal
 
 from gradproj import curvature, data, influence, models, scoredir, store
 from gradproj.errors import UserError
-from gradproj.options import option, require
+from gradproj.options import device_option, option, require
 
 FORMATS = ("table", "json")
 QUERY_SPLIT = "train"  # the split name of the temporary query dataset
@@ -52,7 +52,7 @@ class QueryConfig(influence.ScoringOptions):
     dataset: str | None = option(
         None, "the train run's dataset, for the texts (default: its manifest's)"
     )
-    device: str | None = influence.device_option()
+    device: str | None = device_option()
     memory_gb: float | None = option(
         None, "scoring memory budget in GiB (default: as gradproj score)"
     )

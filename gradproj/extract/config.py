@@ -8,7 +8,7 @@ import torch
 
 from gradproj import data, models
 from gradproj.errors import UserError
-from gradproj.options import option, require, resolve_device
+from gradproj.options import device_option, option, require, resolve_device
 from gradproj.projection import (
     FULL,
     PROJ_TYPES,
@@ -68,7 +68,7 @@ class ExtractConfig:
     max_seq_length: int = option(4096, "truncate each example to this many tokens")
     dtype: str = option("auto", "model dtype: auto (fp32 CPU, bf16 CUDA), fp32, bf16, fp16")
     save_dtype: str = option("fp32", "full gradients on disk: fp32 or bf16")
-    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
+    device: str | None = device_option()
     batch_tokens: int | None = option(None, "token budget per batch (1024 on CPU, 8192 on CUDA)")
     limit: int | None = option(None, "only the first N examples")
     start: int | None = option(None, "first example of this task's range")

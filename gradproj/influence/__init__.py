@@ -15,7 +15,6 @@ from gradproj.influence.config import (
     ScoringOptions,
     curvature_option,
     damping_option,
-    device_option,
 )
 from gradproj.influence.kernel import Scorer, Scores, Scoring, ranked, topk_positions
 from gradproj.influence.memory import available_host_bytes
@@ -25,6 +24,6 @@ from gradproj.influence.scoring import compute_scores, score_influence, warn_exc
 __all__ = [
     "FUNCTIONS", "FUNC_CHOICES", "PRECONDITIONERS", "ScoreConfig", "Scorer", "Scores", "Scoring",
     "ScoringOptions", "available_host_bytes", "check_compatible", "compute_scores",
-    "curvature_option", "damping_option", "device_option", "open_run", "ranked",
+    "curvature_option", "damping_option", "open_run", "ranked",
     "score_influence", "scoring_identity", "topk_positions", "warn_excluded",
 ]  # fmt: skip

@@ -13,16 +13,12 @@ from typing import Literal
 import torch
 
 from gradproj import curvature, store
-from gradproj.options import check_choices, option, require, resolve_device
+from gradproj.options import check_choices, device_option, option, require, resolve_device
 from gradproj.scoredir import FUNCTIONS
 
 FUNC_CHOICES = (*FUNCTIONS, "both")
 PRECONDITIONERS = ("none", *curvature.KINDS)
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
-
-
-def device_option():
-    return option(None, "cpu, cuda, cuda:N (default: cuda if available)")
 
 
 def damping_option():
