@@ -16,7 +16,8 @@ from gradproj import models, retrain
 from gradproj.cli import main
 from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
-from gradproj.retrain import RetrainConfig, load_ground_truth, subset_plan
+from gradproj.retrain import RetrainConfig, subset_plan
+from gradproj.truth import data_difference, examples_record, load_ground_truth
 from tests.conftest import REPO, build_tokenizer, conversations, user_error_line, write_jsonl
 
 SHIPPED = REPO / "examples" / "ground_truth.safetensors"
@@ -197,7 +198,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
         assert "holds the parts of a run on other examples" in line and words in line
         assert not out.exists()
     # the prefix states record their examples too (a file copied from another run is refused)
-    record = retrain.examples_record([], [])
+    record = examples_record([], [])
     with pytest.raises(UserError, match="holds the prefix states of other examples"):
         retrain.cached_prefix_states(None, [], [], 1, out.with_name("gt.safetensors.parts"),
                                      record)  # fmt: skip
@@ -209,7 +210,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
     truth = load_ground_truth(out)
     assert (
         truth.info["train_sha256"]
-        == retrain.examples_record(*tokenized(tiny_llama, own_data))["train_sha256"]
+        == examples_record(*tokenized(tiny_llama, own_data))["train_sha256"]
     )
     write_jsonl(train, edited)
     line = refused(cli_args(tiny_llama, train, test, out), capsys, train.parent, out.parent)
@@ -230,9 +231,9 @@ def test_the_shipped_file_of_the_older_format_is_checked_by_its_ids():
     assert "train_sha256" not in info
     record = {f"{side}_{key}": list(info[f"{side}_ids"])
               for side in ("train", "test") for key in ("ids", "sha256")}  # fmt: skip
-    assert retrain.data_difference(info, record) is None
+    assert data_difference(info, record) is None
     record["test_ids"] = record["test_ids"][:-1]
-    assert retrain.data_difference(info, record) == f"test example {info['test_ids'][-1]!r} is gone"
+    assert data_difference(info, record) == f"test example {info['test_ids'][-1]!r} is gone"
 
 
 @pytest.mark.parametrize("change", ["gained", "lost"])
