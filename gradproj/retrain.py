@@ -43,7 +43,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gradproj import __version__, data, store, truth
-from gradproj.errors import UserError, check_unique_ids
+from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
 
 PARTS_SUFFIX = ".parts"
@@ -313,23 +313,14 @@ def train_subset(model, params, states, examples, order: list[np.ndarray], cfg: 
 
 
 def read_examples(cfg: RetrainConfig, tokenizer, dataset: str, split: str):
-    """Tokenized examples of a split, and those skipped for having no label token."""
+    """Tokenized examples of a split (as the extraction tokenizes them), and the file's records
+    of those skipped for having no label token."""
     rows, first_row = data.load_rows(dataset, split)
-    data.check_columns(rows, cfg.paradigm)
-    check_unique_ids(data.example_ids(rows, first_row), f"{dataset} {split}", first_row)
-    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
-    if invalid:
-        raise UserError(data.describe_invalid(invalid, f"{dataset} {split}", "fix them"))
-    kept, skipped = [], []
-    for i, row in enumerate(rows):
-        ex = data.tokenize(tokenizer, row, first_row + i, cfg.paradigm, cfg.max_seq_length)
-        if data.label_positions(ex, cfg.paradigm) == 0:
-            skipped.append({"index": ex.index, "id": ex.id, "reason": "no label token"})
-        else:
-            kept.append(ex)
+    tokenization = data.Tokenization(tokenizer, cfg.paradigm, cfg.max_seq_length)
+    kept, skipped = tokenization.split(rows, first_row, f"{dataset} {split}")
     if not kept:
         raise UserError(f"{dataset} {split}: no example has a label token within max_seq_length")
-    return kept, skipped
+    return kept, [truth.skipped_record(s) for s in skipped]
 
 
 def training_description(cfg: RetrainConfig, n_layers: int) -> str:

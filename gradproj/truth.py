@@ -88,6 +88,13 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
 # --- The examples a result is computed on ---
 
 
+def skipped_record(skipped: dict) -> dict:
+    """How the file records an example skipped for having no label token (the only rows that
+    `gradproj retrain` skips; it refuses invalid ones): its row, id and reason, in the words
+    of the files written before the extraction's record of skips was shared."""
+    return {"index": skipped["index"], "id": skipped["id"], "reason": "no label token"}
+
+
 def example_sha256(example: data.Example) -> str:
     """The hash of a tokenized example: its input ids and labels, all that training sees."""
     return hashlib.sha256(json.dumps([example.input_ids, example.labels]).encode()).hexdigest()
