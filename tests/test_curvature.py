@@ -346,6 +346,21 @@ def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_run
         assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max()
 
 
+def test_scoring_alone_reads_no_model_for_kfac(params_runs, tmp_path):
+    """The scoring stage reads a stored kfac file; without one it says how to make it (the
+    front ends run the factor pass, which reads the model, before scoring)."""
+    run, path = store.Run(params_runs["train"]), tmp_path / "kfac.safetensors"
+    with pytest.raises(curvature.UserError) as refused:
+        curvature.load_or_compute("kfac", run, path, "cpu")
+    assert str(refused.value) == (
+        f"--curvature {path}: no current kfac factors of {run.path}; they come from the model: "
+        "run gradproj score --precondition kfac on the run, which computes them"
+    )
+    assert not path.exists()
+    write_kfac_factors(run, path, "cpu")
+    assert curvature.load_or_compute("kfac", run, path, "cpu").kind == "kfac"
+
+
 def test_kfac_is_refused_for_other_runs(tmp_path, capsys):
     train = golden_run(tmp_path, "params_rademacher_32", "train")
     argv = ["--train", str(train), "--test", str(train), "--output", str(tmp_path / "s"),

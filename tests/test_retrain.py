@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradproj import models, retrain
+from gradproj import data, models, retrain
 from gradproj.cli import main
 from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
@@ -407,3 +407,28 @@ def test_one_subset_of_the_shipped_ground_truth_is_recomputed(shipped):
     retrain.train_subset(model, params, train_states, train, order, cfg)
     losses = retrain.evaluate(model, test_states, test)
     assert np.allclose(losses.numpy(), truth.losses[0], rtol=1e-4, atol=1e-5)
+
+
+def test_retrain_keeps_and_skips_the_examples_the_extraction_does(tiny_llama, tmp_path):
+    """One tokenization path: a row whose answer lies past max_seq_length is skipped by both;
+    the ground truth records it in its own words (docs/formats.md), the rest are the same
+    examples, token for token."""
+    dataset = write_jsonl(tmp_path / "long.jsonl", conversations(8, long_every=4))
+    cfg = config(tiny_llama, (dataset, dataset), None, max_seq_length=40)
+    tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, 0))
+    kept, skipped = retrain.read_examples(cfg, tokenizer, str(dataset), "train")
+    rows, _ = data.load_rows(str(dataset), "train")
+    extracted, extraction_skipped = data.Tokenization(tokenizer, "sft", 40, "0", False).examples(
+        rows, 0, 0, len(rows)
+    )
+    assert [(ex.input_ids, ex.labels) for ex in kept] == [
+        (ex.input_ids, ex.labels) for ex in extracted
+    ]
+    assert (
+        skipped
+        == [
+            {"index": s["index"], "id": s["id"], "reason": "no label token"}
+            for s in extraction_skipped
+        ]
+        != []
+    )
