@@ -486,9 +486,8 @@ def run_score(args: argparse.Namespace) -> int:
 
     began = time.time()
     cfg = influence.ScoreConfig(**vars(args))
-    # kfac's factors come from the model, which the scoring stage does not read
-    train = influence.open_run(cfg.train, "train")
-    ensure_kfac_factors(cfg.precondition, train, cfg.curvature, cfg.device)
+    if cfg.precondition == "kfac":  # its factors come from the model, which scoring does not read
+        ensure_kfac_factors(influence.open_run(cfg.train, "train"), cfg.curvature, cfg.device)
     out, written = influence.score_influence(cfg)
     counts = scoredir.read_summary(out)["counts"]
     excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))

@@ -410,6 +410,10 @@ def check_invalid_rows(
     print("warning: " + describe_invalid(invalid, where, outcome), file=sys.stderr)
 
 
+# the kept examples, and a record of each skipped row: {index, id, tokens, reason}
+Tokenized = tuple[list[Example], list[dict]]
+
+
 @dataclass(frozen=True)
 class Tokenization:
     """How a split's rows become examples, with the rules for the rows that do not: one path
@@ -423,7 +427,7 @@ class Tokenization:
     # None: the command has no --skip_invalid_rows, so an invalid row is refused without it
     skip_invalid_rows: bool | None = None
 
-    def split(self, rows: datasets.Dataset, first_row: int, where: str):
+    def split(self, rows: datasets.Dataset, first_row: int, where: str) -> Tokenized:
         """Every row of a split, checked (columns, unique ids, rows the paradigm can use) and
         tokenized: the kept examples and the skipped rows' records."""
         check_columns(rows, self.paradigm)
@@ -431,7 +435,7 @@ class Tokenization:
         check_invalid_rows(rows, first_row, where, self.paradigm, self.skip_invalid_rows)
         return self.examples(rows, first_row, 0, len(rows))
 
-    def examples(self, rows: datasets.Dataset, first_row: int, start: int, end: int):
+    def examples(self, rows: datasets.Dataset, first_row: int, start: int, end: int) -> Tokenized:
         """Rows start..end-1 as examples; a row without a label token (or, with
         --skip_invalid_rows, an invalid one) is skipped: {index, id, tokens, reason}."""
         kept, skipped = [], []

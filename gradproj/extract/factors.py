@@ -20,12 +20,9 @@ from gradproj.errors import UserError
 from gradproj.targets.params import Layer, layer_projection
 
 
-def ensure_kfac_factors(precondition: str, run: store.Run, path: str | None, device: str):
+def ensure_kfac_factors(run: store.Run, path: str | None, device: str) -> None:
     """Before a scoring preconditioned by kfac: the train run's factors, computed and stored
-    at `path` (None: the run's own file) unless a current file is there. Other kinds read
-    stored vectors only and need nothing here."""
-    if precondition != "kfac":
-        return
+    at `path` (None: the run's own file) unless a current file is there."""
     path = Path(path or curvature.default_path(run.path, "kfac"))
     if not curvature.stored(path):
         write_kfac_factors(run, path, device)
