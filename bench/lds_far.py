@@ -85,8 +85,8 @@ def figure(near: pd.DataFrame, far: pd.DataFrame, output: Path) -> None:
 
 def held_out_pairs(truth_path: str, score_paths: list[str], chosen, seed: int) -> pd.DataFrame:
     from gradproj.analysis.lds import lds_methods, paired_difference, per_test_lds
-    from gradproj.retrain import load_ground_truth
     from gradproj.scoredir import load_score_dir
+    from gradproj.truth import load_ground_truth
 
     truth = load_ground_truth(truth_path)
     methods = lds_methods(truth, [load_score_dir(Path(p)) for p in score_paths], seed)

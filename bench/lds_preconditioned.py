@@ -43,6 +43,7 @@ from gradproj.analysis.retrieval import (  # noqa: E402
     source_ranks,
 )
 from gradproj.data import conversation_text  # noqa: E402
+from gradproj.extract.factors import compute_kfac  # noqa: E402
 
 VARIANTS = (
     "full", "params_kronecker_8x8", "params_kronecker_16x16", "params_kronecker_32x32",
@@ -76,7 +77,7 @@ def costs(train: Path, factor_path: Path, kind: str) -> dict:
     run = store.Run(train)
     if factor_path.is_file():
         factor_path.unlink()  # time it from scratch
-    compute = curvature.compute_kfac if kind == "kfac" else curvature.compute_gram
+    compute = compute_kfac if kind == "kfac" else curvature.compute_gram
     factorization, seconds = timed(compute, run, "cpu")
     curvature.save(factorization, factor_path)
     whiten = curvature.make_whitener(factorization, 1.0, "cpu")

@@ -295,9 +295,15 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from gradproj import influence, scoredir
+    from gradproj.extract.factors import ensure_kfac_factors
 
     began = time.time()
-    out, written = influence.score_influence(influence.ScoreConfig(**vars(args)))
+    cfg = influence.ScoreConfig(**vars(args))
+    if cfg.precondition == "kfac":  # its factors come from the model, which scoring does not read
+        train = influence.open_run(cfg.train, "train")
+        influence.check_compatible(train, influence.open_run(cfg.test, "test"))  # before the pass
+        ensure_kfac_factors(train, cfg.curvature, cfg.device)
+    out, written = influence.score_influence(cfg)
     counts = scoredir.read_summary(out)["counts"]
     excluded = ", ".join(f"{n} {r}" for r in ("train", "test") if (n := counts[f"{r}_excluded"]))
     note = f"; not scored: {excluded} example(s), listed in summary.json" if excluded else ""

@@ -12,7 +12,8 @@ normalise).
 `kfac` (params kronecker runs): per module, `S_out (x) S_in` in place of G, the covariances of
 the projected output gradients and layer inputs over every token of the run's examples; the
 stored vectors do not hold these, so they are collected by reading the model once more
-(`compute_kfac`), and whitened exactly through the two factors' eigenbases (`KfacWhitener`).
+(`gradproj.extract.factors`, the extraction stage: scoring reads stored vectors only), and
+whitened exactly through the two factors' eigenbases (`KfacWhitener`).
 
 The eigendecomposition does not depend on the damping, so one factorization per train run serves
 every damping. It is computed once and stored (docs/formats.md, "Curvature file"); a later
@@ -53,7 +54,7 @@ SUM_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
-class Blocks:
+class BlockLayout:
     """The vector's coordinates in `count` consecutive blocks of `k`: one per module of a params
     kronecker run (whose modules all have `k_out x k_in` coordinates), or one of the whole."""
 
@@ -69,14 +70,14 @@ class Blocks:
         return self.count * self.k
 
 
-def vector_blocks(manifest: dict, width: int) -> Blocks:
+def vector_blocks(manifest: dict, width: int) -> BlockLayout:
     modules = manifest.get("modules") or []
     if manifest.get("kind") == "projected" and modules and all("slice" in m for m in modules):
         k = modules[0]["slice"][1]
         if all(m["slice"] == [i * k, (i + 1) * k] for i, m in enumerate(modules)):
             if len(modules) * k == width:
-                return Blocks(tuple(m["name"] for m in modules), k)
-    return Blocks(("all",), width)
+                return BlockLayout(tuple(m["name"] for m in modules), k)
+    return BlockLayout(("all",), width)
 
 
 def run_fields(run: store.Run) -> dict:
@@ -97,7 +98,7 @@ def run_fields(run: store.Run) -> dict:
     }
 
 
-def check_supported(run: store.Run) -> Blocks:
+def check_supported(run: store.Run) -> BlockLayout:
     """The run's blocks, or a UserError saying why it cannot be preconditioned."""
     ragged, _, width = run.stored_rows()
     if ragged:
@@ -136,7 +137,7 @@ class Curvature:
     `[count, k_out, k_out]` and likewise `in_...` of each module's two factors."""
 
     kind: str
-    blocks: Blocks
+    blocks: BlockLayout
     tensors: dict[str, torch.Tensor]
     info: dict  # run_fields of the train run, n_vectors, ...
 
@@ -165,12 +166,12 @@ def compute_gram(run: store.Run, device: str) -> Curvature:
     return Curvature("gram", blocks, tensors, info)
 
 
-def _stored_vectors(run: store.Run, blocks: Blocks, device: str):
+def _stored_vectors(run: store.Run, blocks: BlockLayout, device: str):
     for shard in store.iter_blocks(run, SUM_BYTES):
         yield shard.vectors.to(device).to(COMPUTE).reshape(-1, blocks.count, blocks.k)
 
 
-def _gram_eigh(run: store.Run, blocks: Blocks, device: str):
+def _gram_eigh(run: store.Run, blocks: BlockLayout, device: str):
     gram = torch.zeros(blocks.count, blocks.k, blocks.k, dtype=COMPUTE, device=device)
     for phi in _stored_vectors(run, blocks, device):
         gram += torch.einsum("nbi,nbj->bij", phi, phi)
@@ -178,7 +179,7 @@ def _gram_eigh(run: store.Run, blocks: Blocks, device: str):
     return values.clamp_min(0), vectors  # rounding can make a null direction negative
 
 
-def _kernel_eigh(run: store.Run, blocks: Blocks, device: str):
+def _kernel_eigh(run: store.Run, blocks: BlockLayout, device: str):
     phi = torch.cat(list(_stored_vectors(run, blocks, device)))  # n < k: smaller than G
     n = len(phi)
     values, u = torch.linalg.eigh(torch.einsum("ibk,jbk->bij", phi, phi) / n)
@@ -190,7 +191,7 @@ def _kernel_eigh(run: store.Run, blocks: Blocks, device: str):
     return values, vectors
 
 
-# --- kfac: the factors of each module, from the model once more ---
+# --- kfac: the factors of each module, from the factor pass of the extraction stage ---
 
 
 def kronecker_dims(run: store.Run) -> tuple[int, int]:
@@ -206,15 +207,12 @@ def kronecker_dims(run: store.Run) -> tuple[int, int]:
     return int(k_out), int(k_in)
 
 
-def compute_kfac(run: store.Run, device: str) -> Curvature:
-    """Each module's Kronecker factors in the projected space, eigendecomposed:
-    `S_out = E_t[(A^T delta_t)(A^T delta_t)^T]` and `S_in = E_t[(B^T x_t)(B^T x_t)^T]` over every
-    token of the run's examples (x a layer's input, delta the gradient of the example's loss at
-    its output, A and B the run's own projection factors). Reads the model once more: the run's
-    examples are tokenized and batched as its extraction did (the manifest's options)."""
+def kfac_factorization(run: store.Run, sums: dict[str, torch.Tensor], tokens: int) -> Curvature:
+    """The kfac factorization of `run` from its factor pass (`gradproj.extract.factors`): each
+    module's summed `out` and `in` outer products over `tokens` tokens, as covariances,
+    eigendecomposed."""
     k_out, k_in = kronecker_dims(run)
     blocks = vector_blocks(run.manifest, len(run.manifest["modules"]) * k_out * k_in)
-    sums, tokens = _factor_sums(run, extraction_options(run), device, k_out, k_in)
     tensors = {}
     for side, total in sums.items():
         values, vectors = torch.linalg.eigh(total / max(tokens, 1))
@@ -228,101 +226,6 @@ def compute_kfac(run: store.Run, device: str) -> Curvature:
         "fields": run_fields(run),
     }
     return Curvature("kfac", blocks, tensors, info)
-
-
-def extraction_options(run: store.Run) -> dict:
-    """The options kfac reads the model and the dataset with: the extraction's, as its
-    manifest records them (shards do not, so a manifest rebuilt from them lacks them)."""
-    options = run.manifest.get("options")
-    if not isinstance(options, dict):
-        raise UserError(
-            f"--precondition kfac reads the model again with the extraction's options, which "
-            f"{run.path / store.MANIFEST} does not record (rebuilt by gradproj merge from the "
-            "shards, which do not carry them); give the run's kfac file computed before "
-            "(--curvature), restore the extraction's manifest, or use --precondition gram"
-        )
-    return options
-
-
-def _factor_sums(run: store.Run, options: dict, device: str, k_out: int, k_in: int):
-    from tqdm import tqdm
-
-    from gradproj import data, gradients, models  # the model: only kfac needs it
-    from gradproj.targets.params import Layer, layer_projection
-
-    checkpoint = models.resolve_checkpoint(options["model"], options["checkpoint_nr"])
-    tokenizer = models.load_tokenizer(checkpoint)
-    examples = _run_examples(run, tokenizer, options)  # checked before the model loads
-    dtype = models.resolve_dtype(options["dtype"], device)
-    model = models.load_model(checkpoint, options["paradigm"], dtype, device)
-    named = dict(model.named_modules())
-    modules = [(m["name"], named[m["name"]]) for m in run.manifest["modules"]]
-    seed, dim = run.manifest["projection"]["seed"], run.manifest["projection"]["dim"]
-    factors = [
-        layer_projection(seed, Layer(name, *module.weight.shape, 0), [dim], device).widest_factors()
-        for name, module in modules
-    ]
-    position = {name: i for i, (name, _) in enumerate(modules)}
-    count = len(modules)
-    sums = {
-        "out": torch.zeros(count, k_out, k_out, dtype=COMPUTE, device=device),
-        "in": torch.zeros(count, k_in, k_in, dtype=COMPUTE, device=device),
-    }
-    valid = {}
-
-    def add(side: str, name: str, projected: torch.Tensor) -> None:
-        rows = projected[valid["mask"]].to(COMPUTE)  # the examples' own tokens, no padding
-        sums[side][position[name]] += rows.T @ rows
-
-    def on_input(name, x):
-        add("in", name, x.float() @ factors[position[name]][1])
-
-    def on_output_grad(name, delta):
-        add("out", name, delta.float() @ factors[position[name]][0])
-
-    tokens = 0
-    causal, pad_id = options["paradigm"] != "mlm", tokenizer.pad_token_id or 0
-    progress = tqdm(total=len(examples), desc="kfac factors", unit="ex")
-    with gradients.LinearTaps(modules, on_input, on_output_grad), progress:
-        for batch in data.batches_by_tokens(examples, options["batch_tokens"]):
-            lengths = torch.tensor([ex.length for ex in batch], device=device)
-            longest = int(lengths.max())
-            valid["mask"] = torch.arange(longest, device=device)[None, :] < lengths[:, None]
-            gradients.embedding_gradients(model, batch, causal, pad_id)
-            tokens += int(lengths.sum())
-            progress.update(len(batch))
-    return sums, tokens
-
-
-def _run_examples(run: store.Run, tokenizer, options: dict) -> list:
-    """The run's examples, tokenized as its extraction tokenized them. Each must have the id,
-    token count and loss-token count the run recorded: the run holds no hash of its examples'
-    text, so an edit that keeps every count is not seen."""
-    from gradproj import data
-
-    dataset, paradigm = options["dataset"], options["paradigm"]
-    rows, first_row = data.load_rows(dataset, options["dataset_split"])
-    examples = []
-    for entry in run.manifest["examples"]:
-        row = rows[entry["index"] - first_row]
-        ex = data.tokenize(
-            tokenizer, row, entry["index"], paradigm, options["max_seq_length"],
-            str(options["checkpoint_nr"]),
-        )  # fmt: skip
-        now = (ex.id, ex.length, data.label_positions(ex, paradigm))
-        then = (entry["id"], entry["tokens"], entry["label_tokens"])
-        if now != then:
-            raise UserError(
-                f"row {entry['index']} of {dataset} is {describe(*now)}, but the run's "
-                f"extraction read {describe(*then)} there: the dataset changed since, and kfac "
-                "reads it again; restore the extraction's dataset or re-extract the run"
-            )
-        examples.append(ex)
-    return examples
-
-
-def describe(example_id: str, tokens: int, label_tokens: int) -> str:
-    return f"{example_id!r} of {tokens} tokens ({label_tokens} in the loss)"
 
 
 # --- The file ---
@@ -358,7 +261,7 @@ def load(path: Path) -> Curvature:
             f"--curvature {path} is damaged: its tensors do not match the checksum it records; "
             "delete it, and the next scoring recomputes it"
         )
-    blocks = Blocks(tuple(info.pop("modules")), info.pop("block_dim"))
+    blocks = BlockLayout(tuple(info.pop("modules")), info.pop("block_dim"))
     kind = info.pop("kind")
     info.pop("format")
     return Curvature(kind, blocks, tensors, info)
@@ -382,19 +285,33 @@ def check_belongs(curvature: Curvature, kind: str, run: store.Run, path: Path) -
 
 
 def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curvature:
-    """The stored factorization of `run` at `path`, checked; else computed and stored there."""
+    """The stored factorization of `run` at `path`, checked; else gram's computed and stored
+    there. kfac's factors come from the model, which scoring does not read: they must have
+    been stored by the factor pass (`gradproj score` runs it first)."""
     check_supported(run)
     store.check_output(path, "--curvature")
-    if path.is_file() and older_format(path):
-        print(f"warning: {path} was written by an older gradproj: recomputing it", file=sys.stderr)
-    elif path.is_file():
+    if stored(path):
         curvature = load(path)
         check_belongs(curvature, kind, run, path)
         return curvature
+    if kind == "kfac":
+        raise UserError(
+            f"--curvature {path}: no current kfac factors of {run.path}; they come from the "
+            "model: run gradproj score --precondition kfac on the run, which computes them"
+        )
     check_writable(path)
-    curvature = compute_kfac(run, device) if kind == "kfac" else compute_gram(run, device)
+    curvature = compute_gram(run, device)
     save(curvature, path)
     return curvature
+
+
+def stored(path: Path) -> bool:
+    """Whether `path` holds a factorization to read rather than to compute: a file of an
+    earlier format of ours is a cache to recompute (said on stderr)."""
+    if path.is_file() and older_format(path):
+        print(f"warning: {path} was written by an older gradproj: recomputing it", file=sys.stderr)
+        return False
+    return path.is_file()
 
 
 def older_format(path: Path) -> bool:

@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 
-from gradproj.errors import UserError
+from gradproj.errors import UserError, check_unique_ids
 
 IGNORE = -100
 PARADIGMS = ("sft", "pre", "mlm")
@@ -383,6 +384,90 @@ def tokenize(
     if paradigm == "pre":
         return tokenize_pre(tokenizer, row, index, max_seq_length)
     return tokenize_mlm(tokenizer, row, index, max_seq_length, checkpoint)
+
+
+def checked_ids(rows: datasets.Dataset, first_row: int, where: str) -> list[str]:
+    """Every chosen row's example id, after refusing repeated ids (`check_unique_ids`)."""
+    ids = example_ids(rows, first_row)
+    check_unique_ids(ids, where, first_row)
+    return ids
+
+
+def check_invalid_rows(
+    rows: datasets.Dataset, first_row: int, where: str, paradigm: str, skip: bool | None
+) -> None:
+    """Every row must suit the paradigm, or with --skip_invalid_rows (`skip`; None: the command
+    has no such option) is named and skipped."""
+    invalid = invalid_rows(rows, paradigm, first_row)
+    if not invalid:
+        return
+    if not skip:
+        outcome = "fix them"
+        if skip is False:
+            outcome += ", or pass --skip_invalid_rows to record them as skipped and go on"
+        raise UserError(describe_invalid(invalid, where, outcome))
+    outcome = "skipped (--skip_invalid_rows), each recorded in the manifest with its reason"
+    print("warning: " + describe_invalid(invalid, where, outcome), file=sys.stderr)
+
+
+# the kept examples, and a record of each skipped row: {index, id, tokens, reason}
+Tokenized = tuple[list[Example], list[dict]]
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How a split's rows become examples, with the rules for the rows that do not: one path
+    for the extraction, `gradproj retrain` and kfac's factor pass, so that each sees the same
+    tokens and skips the same rows."""
+
+    tokenizer: object
+    paradigm: str
+    max_seq_length: int
+    checkpoint: str = ""  # mlm's masking depends on it
+    # None: the command has no --skip_invalid_rows, so an invalid row is refused without it
+    skip_invalid_rows: bool | None = None
+
+    def split(self, rows: datasets.Dataset, first_row: int, where: str) -> Tokenized:
+        """Every row of a split, checked (columns, unique ids, rows the paradigm can use) and
+        tokenized: the kept examples and the skipped rows' records."""
+        check_columns(rows, self.paradigm)
+        checked_ids(rows, first_row, where)
+        check_invalid_rows(rows, first_row, where, self.paradigm, self.skip_invalid_rows)
+        return self.examples(rows, first_row, 0, len(rows))
+
+    def examples(self, rows: datasets.Dataset, first_row: int, start: int, end: int) -> Tokenized:
+        """Rows start..end-1 as examples; a row without a label token (or, with
+        --skip_invalid_rows, an invalid one) is skipped: {index, id, tokens, reason}."""
+        kept, skipped = [], []
+        for i in range(start, end):
+            index, row = first_row + i, rows[i]
+            ex, problem = self.example(row, index)
+            if ex is None:
+                eid = example_id(row, index)
+                skipped.append({"index": index, "id": eid, "tokens": 0, "reason": problem})
+            elif label_positions(ex, self.paradigm) == 0:
+                reason = f"no label token within max_seq_length={self.max_seq_length}"
+                skipped.append({"index": index, "id": ex.id, "tokens": ex.length, "reason": reason})
+            else:
+                kept.append(ex)
+        return kept, skipped
+
+    def example(self, row: dict, index: int) -> tuple[Example | None, str | None]:
+        """The row's example, or (None, why) for a row --skip_invalid_rows lets through."""
+        problem = row_problem(row, self.paradigm)
+        if problem is None:
+            try:
+                return tokenize(
+                    self.tokenizer, row, index, self.paradigm, self.max_seq_length,
+                    self.checkpoint,
+                ), None  # fmt: skip
+            except Exception as err:  # text that the tokenizer or chat template cannot take
+                problem = f"the tokenizer cannot take it ({type(err).__name__}: {err})"
+        if not self.skip_invalid_rows:
+            eid = example_id(row, index)
+            advice = "" if self.skip_invalid_rows is None else " or --skip_invalid_rows"
+            raise UserError(f"row {index} (id {eid!r}): {problem}; fix it{advice}")
+        return None, f"invalid row: {problem}"
 
 
 def label_positions(example: Example, paradigm: str) -> int:

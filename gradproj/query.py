@@ -22,6 +22,7 @@ from typing import Literal
 
 from gradproj import curvature, data, influence, models, scoredir, store
 from gradproj.errors import UserError
+from gradproj.extract.factors import ensure_kfac_factors
 from gradproj.options import device_option, option, require
 
 FORMATS = ("table", "json")
@@ -344,6 +345,8 @@ def run_query(cfg: QueryConfig) -> list[dict]:
     options = extraction_options(train)
     rows = read_queries(cfg, options.get("paradigm", "sft"))
     texts = train_texts(train, cfg.dataset)
+    if cfg.precondition == "kfac":  # its factors come from the model, which scoring does not read
+        ensure_kfac_factors(train, cfg.curvature, cfg.device)
     with tempfile.TemporaryDirectory(prefix="gradproj-query-") as folder:
         queries = extract_queries(rows, train, Path(folder), cfg.device)
         check_explainable(queries)

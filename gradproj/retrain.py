@@ -27,7 +27,6 @@ output's lock alone, and the first to get it assembles the file (the others find
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -44,12 +43,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from gradproj import data, store
-from gradproj.errors import UserError, check_unique_ids
+from gradproj import data, store, truth
+from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
 from gradproj.options import option
 
-RETRAIN_FORMAT = "gradproj-retrain/1"
 PARTS_SUFFIX = ".parts"
 SETTINGS_FILE = "settings.json"
 BASE_PART = "base.safetensors"
@@ -141,60 +139,6 @@ class RetrainConfig:
         return chosen
 
 
-@dataclass
-class GroundTruth:
-    """A ground-truth file read back: `masks[s, i]` is True when train example i was in subset
-    s; `losses[s, j]` is test example j's mean loss after fine-tuning on subset s."""
-
-    path: Path
-    masks: np.ndarray  # bool [M, n_train]
-    losses: np.ndarray  # float64 [M, n_test]
-    base_losses: np.ndarray  # float64 [n_test]
-    train_ids: list[str]
-    test_ids: list[str]
-    info: dict
-
-
-# --- Reading (the one owner of the format: docs/formats.md, "Ground truth") ---
-
-
-def load_ground_truth(path: str | Path) -> GroundTruth:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such ground-truth file (write one with gradproj retrain)")
-    what = f"{path} is not a gradproj ground-truth file"
-    try:
-        with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get(store.METADATA_KEY, "{}"))
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except Exception as err:  # truncated, or not safetensors at all
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise UserError(f"{what} ({first}); rerun gradproj retrain to write it") from None
-    if info.get("format") != RETRAIN_FORMAT:
-        found = info.get("format", "none")
-        raise UserError(f"{what}: its format is {found!r}, this gradproj reads {RETRAIN_FORMAT}")
-    try:
-        masks, losses, base = tensors["masks"], tensors["losses"], tensors["base_losses"]
-        train_ids, test_ids = (
-            [str(x) for x in info["train_ids"]],
-            [str(x) for x in info["test_ids"]],
-        )
-    except KeyError as err:
-        raise UserError(f"{what}: it lacks {err.args[0]!r}") from None
-    shapes_agree = (
-        masks.ndim == 2
-        and losses.shape == (masks.shape[0], len(test_ids))
-        and masks.shape[1] == len(train_ids)
-        and base.shape == (len(test_ids),)
-    )
-    if not shapes_agree:
-        raise UserError(f"{what}: its tensors and id lists disagree in shape")
-    return GroundTruth(
-        path, masks.numpy().astype(bool), losses.double().numpy(), base.double().numpy(),
-        train_ids, test_ids, info,
-    )  # fmt: skip
-
-
 # --- Subsets ---
 
 
@@ -217,63 +161,6 @@ def subset_plan(seed: int, subset: int, n_train: int, fraction: float, epochs: i
 
 def part_name(subset: int) -> str:
     return f"subset_{subset:05d}.safetensors"
-
-
-# --- The examples a result is computed on ---
-
-
-def example_sha256(example: data.Example) -> str:
-    """The hash of a tokenized example: its input ids and labels, all that training sees."""
-    return hashlib.sha256(json.dumps([example.input_ids, example.labels]).encode()).hexdigest()
-
-
-def examples_record(train: list[data.Example], test: list[data.Example]) -> dict:
-    """The examples' ids and hashes, in order. The parts' settings, the prefix states and the
-    finished file record them: a file's path says nothing of what it held then."""
-    record = {}
-    for side, examples in (("train", train), ("test", test)):
-        record[f"{side}_ids"] = [ex.id for ex in examples]
-        record[f"{side}_sha256"] = [example_sha256(ex) for ex in examples]
-    return record
-
-
-def data_difference(recorded: dict, record: dict) -> str | None:
-    """The first difference between recorded examples and those of `record`, in words, or None.
-    A record without hashes (a finished file of an older gradproj) is compared by its ids."""
-    for side in ("train", "test"):
-        before, hashes = recorded.get(f"{side}_ids"), recorded.get(f"{side}_sha256", [])
-        if before is None:
-            return f"no {side} ids are recorded: an older gradproj wrote it"
-        if not (is_text_list(before) and is_text_list(hashes) and len(hashes) in (0, len(before))):
-            return f"its record of the {side} examples is not readable"
-        now, current = record[f"{side}_ids"], record[f"{side}_sha256"]
-        if before != now:
-            return ids_difference(side, before, now)
-        if hashes and hashes != current:
-            k = next(k for k, (a, b) in enumerate(zip(hashes, current, strict=True)) if a != b)
-            return f"{side} example {now[k]!r} changed (its tokens or labels)"
-    return None
-
-
-def is_text_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(x, str) for x in value)
-
-
-def ids_difference(side: str, before: list[str], now: list[str]) -> str:
-    known, current = set(before), set(now)
-    new = next((i for i in now if i not in known), None)
-    if new is not None:
-        return f"{side} example {new!r} is new"
-    gone = next((i for i in before if i not in current), None)
-    if gone is not None:
-        return f"{side} example {gone!r} is gone"
-    if len(before) != len(now):  # only where one list repeats an id (an older gradproj's)
-        return f"{len(before)} {side} examples are recorded, the data has {len(now)}"
-    k = next(k for k, (a, b) in enumerate(zip(before, now, strict=True)) if a != b)
-    return (
-        f"the {side} examples are in another order (position {k} holds {now[k]!r}, was "
-        f"{before[k]!r})"
-    )
 
 
 # --- The model split into a frozen prefix (run once) and trained layers ---
@@ -333,10 +220,10 @@ def cached_prefix_states(model, train, test, first: int, parts: Path, record: di
             tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states,
                                                                    strict=True)
                        for i, state in enumerate(group)}  # fmt: skip
-            store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT, **record})
+            store.write_safetensors(tensors, path, {"format": truth.TRUTH_FORMAT, **record})
             return states
     with safe_open(str(path), "pt") as f:
-        difference = data_difference(store.read_metadata(f), record)
+        difference = truth.data_difference(store.read_metadata(f), record)
         if difference:
             raise UserError(
                 f"{path} holds the prefix states of other examples ({difference}); remove "
@@ -435,23 +322,14 @@ def train_subset(model, params, states, examples, order: list[np.ndarray], cfg: 
 
 
 def read_examples(cfg: RetrainConfig, tokenizer, dataset: str, split: str):
-    """Tokenized examples of a split, and those skipped for having no label token."""
+    """Tokenized examples of a split (as the extraction tokenizes them), and the file's records
+    of those skipped for having no label token."""
     rows, first_row = data.load_rows(dataset, split)
-    data.check_columns(rows, cfg.paradigm)
-    check_unique_ids(data.example_ids(rows, first_row), f"{dataset} {split}", first_row)
-    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
-    if invalid:
-        raise UserError(data.describe_invalid(invalid, f"{dataset} {split}", "fix them"))
-    kept, skipped = [], []
-    for i, row in enumerate(rows):
-        ex = data.tokenize(tokenizer, row, first_row + i, cfg.paradigm, cfg.max_seq_length)
-        if data.label_positions(ex, cfg.paradigm) == 0:
-            skipped.append({"index": ex.index, "id": ex.id, "reason": "no label token"})
-        else:
-            kept.append(ex)
+    tokenization = data.Tokenization(tokenizer, cfg.paradigm, cfg.max_seq_length)
+    kept, skipped = tokenization.split(rows, first_row, f"{dataset} {split}")
     if not kept:
         raise UserError(f"{dataset} {split}: no example has a label token within max_seq_length")
-    return kept, skipped
+    return kept, [truth.skipped_record(s) for s in skipped]
 
 
 def training_description(cfg: RetrainConfig, n_layers: int) -> str:
@@ -485,7 +363,7 @@ def join_parts(parts: Path, settings: dict, record: dict) -> None:
             f"{parts} holds the parts of a run with other settings (differing in "
             f"{', '.join(differ)}); remove it, or choose another --output"
         )
-    difference = data_difference(examples, record)
+    difference = truth.data_difference(examples, record)
     if difference:
         raise UserError(
             f"{parts} holds the parts of a run on other examples ({difference}); remove it to "
@@ -512,13 +390,13 @@ def finished(cfg: RetrainConfig, record: dict) -> bool:
     examples; an output of others is an error."""
     if not cfg.output.exists():
         return False
-    truth = load_ground_truth(cfg.output)
-    if truth.info.get("settings") != cfg.settings():
+    written = truth.load_ground_truth(cfg.output)
+    if written.info.get("settings") != cfg.settings():
         raise UserError(
             f"{cfg.output} exists and was written with other settings; remove it or choose "
             "another --output"
         )
-    difference = data_difference(truth.info, record)
+    difference = truth.data_difference(written.info, record)
     if difference:
         raise UserError(
             f"{cfg.output} exists and was computed on other examples ({difference}); remove it "
@@ -548,7 +426,7 @@ def _retrain(cfg: RetrainConfig) -> Path:
     train, train_skipped = read_examples(cfg, tokenizer, cfg.train_dataset, cfg.train_split)
     test, test_skipped = read_examples(cfg, tokenizer, cfg.test_dataset, cfg.test_split)
     cfg.check_train_size(len(train))
-    record = examples_record(train, test)
+    record = truth.examples_record(train, test)
     if finished(cfg, record):  # before any lock: a finished file is only read
         return cfg.output
     model = models.load_model(checkpoint, cfg.paradigm, torch.float32, "cpu")
@@ -557,7 +435,6 @@ def _retrain(cfg: RetrainConfig) -> Path:
         raise UserError(f"--train_layers {cfg.train_layers}: the model has {n_layers} layers")
     description = training_description(cfg, n_layers)
     info = {
-        "format": RETRAIN_FORMAT,
         **record,
         "train_skipped": train_skipped,
         "test_skipped": test_skipped,
@@ -620,7 +497,9 @@ def run_subsets(
         if not (parts / BASE_PART).is_file():
             base = evaluate(model, test_states, test)
             check_finite(base, test, "before fine-tuning", "the model gives it no finite loss")
-            store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
+            store.write_safetensors(
+                {"losses": base}, parts / BASE_PART, {"format": truth.TRUTH_FORMAT}
+            )
     print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
     progress = tqdm(
         total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
@@ -638,7 +517,9 @@ def run_subsets(
                 check_finite(losses, test, f"after fine-tuning on subset {s}",
                              f"the training diverged; lower --lr (now {cfg.lr:g})")  # fmt: skip
                 tensors = {"mask": torch.from_numpy(mask), "losses": losses}
-                store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
+                store.write_safetensors(
+                    tensors, parts / part_name(s), {"format": truth.TRUTH_FORMAT}
+                )
                 progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
             progress.update(int(claimed))
         return claimed
@@ -659,7 +540,6 @@ def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
             losses.append(f.get_tensor("losses"))
     with safe_open(str(parts / BASE_PART), "pt") as f:
         base = f.get_tensor("losses")
-    tensors = {"masks": torch.stack(masks), "losses": torch.stack(losses), "base_losses": base}
-    store.write_safetensors(tensors, output, info)
+    truth.write_ground_truth(output, masks, losses, base, info)
     for leftover in [parts, *parts.parent.glob(f".{parts.name}.new-*")]:
         shutil.rmtree(leftover)

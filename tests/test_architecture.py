@@ -62,3 +62,25 @@ def test_every_gradproj_name_on_the_page_exists():
         for attribute in parts[cut:]:
             assert hasattr(obj, attribute), name
             obj = getattr(obj, attribute)
+
+
+def stage_modules(stage: str) -> list:
+    """The files of a stage: its module, or every module of its package."""
+    module = REPO / "gradproj" / f"{stage}.py"
+    paths = [module] if module.exists() else sorted((REPO / "gradproj" / stage).glob("*.py"))
+    assert paths, f"no stage {stage}"
+    return paths
+
+
+def test_the_analysis_reads_the_ground_truth_without_the_trainer():
+    for path in stage_modules("analysis"):
+        assert "retrain" not in gradproj_imports(path), path.name
+
+
+def test_scoring_reads_stored_vectors_only():
+    """The model is read by extraction alone (kfac's factor pass included): the scoring stages
+    never load a model or run its gradients."""
+    for stage in ("curvature", "scoredir", "influence"):
+        for path in stage_modules(stage):
+            wrong = gradproj_imports(path) & {"models", "gradients", "targets"}
+            assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"

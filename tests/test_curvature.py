@@ -14,6 +14,7 @@ import torch
 from gradproj import curvature, store
 from gradproj.cli import extract_main
 from gradproj.cli import score_main as main
+from gradproj.extract.factors import write_kfac_factors
 from tests.conftest import conversations, snapshot, user_error_line, write_jsonl
 from tests.test_golden import EXPECTED
 from tests.test_influence import read_scores, synthetic_run
@@ -236,10 +237,10 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
 def test_blocks_follow_the_module_slices_or_cover_the_whole_vector():
     modules = kronecker_module_params(2, 3, ["a", "b"])["modules"]
     manifest = {"kind": "projected", "modules": modules}
-    assert curvature.vector_blocks(manifest, 12) == curvature.Blocks(("a", "b"), 6)
+    assert curvature.vector_blocks(manifest, 12) == curvature.BlockLayout(("a", "b"), 6)
     dense = {"kind": "projected", "modules": [{"name": "a"}, {"name": "b"}]}  # LESS-style
-    assert curvature.vector_blocks(dense, 32) == curvature.Blocks(("all",), 32)
-    assert curvature.vector_blocks({"kind": "hidden"}, 8) == curvature.Blocks(("all",), 8)
+    assert curvature.vector_blocks(dense, 32) == curvature.BlockLayout(("all",), 32)
+    assert curvature.vector_blocks({"kind": "hidden"}, 8) == curvature.BlockLayout(("all",), 8)
 
 
 def test_whitener_refuses_vectors_of_another_width(tmp_path):
@@ -316,7 +317,7 @@ def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_run
 
     run = store.Run(params_runs["train"])
     factor_file = tmp_path / "kfac.safetensors"
-    curvature.save(curvature.compute_kfac(run, "cpu"), factor_file)
+    write_kfac_factors(run, factor_file, "cpu")
     s_out, s_in = kfac_factors(factor_file)
     options = run.manifest["options"]
     checkpoint = models.resolve_checkpoint(options["model"], 0)
@@ -343,6 +344,21 @@ def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_run
         tokens += ex.length
     for ours, reference in ((s_out[-1], out_sum / tokens), (s_in[-1], in_sum / tokens)):
         assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max()
+
+
+def test_scoring_alone_reads_no_model_for_kfac(params_runs, tmp_path):
+    """The scoring stage reads a stored kfac file; without one it says how to make it (the
+    front ends run the factor pass, which reads the model, before scoring)."""
+    run, path = store.Run(params_runs["train"]), tmp_path / "kfac.safetensors"
+    with pytest.raises(curvature.UserError) as refused:
+        curvature.load_or_compute("kfac", run, path, "cpu")
+    assert str(refused.value) == (
+        f"--curvature {path}: no current kfac factors of {run.path}; they come from the model: "
+        "run gradproj score --precondition kfac on the run, which computes them"
+    )
+    assert not path.exists()
+    write_kfac_factors(run, path, "cpu")
+    assert curvature.load_or_compute("kfac", run, path, "cpu").kind == "kfac"
 
 
 def test_kfac_is_refused_for_other_runs(tmp_path, capsys):

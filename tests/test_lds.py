@@ -8,8 +8,8 @@ from scipy.stats import spearmanr
 
 from gradproj.analysis.lds import aligned_scores, lds_statistics, per_test_lds
 from gradproj.cli import compare_main, main
-from gradproj.retrain import GroundTruth, load_ground_truth
 from gradproj.scoredir import ScoreDir
+from gradproj.truth import GroundTruth, load_ground_truth
 from tests import test_retrieval
 from tests.conftest import user_error_line, write_jsonl
 from tests.test_retrieval import compare, toy_rows

@@ -15,7 +15,7 @@ import pytest
 from gradproj import scoredir
 from gradproj.analysis.lds import aligned_scores
 from gradproj.cli import main
-from gradproj.retrain import load_ground_truth
+from gradproj.truth import load_ground_truth
 from tests.conftest import write_jsonl
 from tests.test_retrieval import MAX_LEN, extract, source_rows, toy_rows
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from gradproj import models, retrain
+from gradproj import data, models, retrain
 from gradproj.cli import main
 from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
-from gradproj.retrain import RetrainConfig, load_ground_truth, subset_plan
+from gradproj.retrain import RetrainConfig, subset_plan
+from gradproj.truth import data_difference, examples_record, load_ground_truth
 from tests.conftest import REPO, build_tokenizer, conversations, user_error_line, write_jsonl
 
 SHIPPED = REPO / "examples" / "ground_truth.safetensors"
@@ -201,7 +202,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
         assert "holds the parts of a run on other examples" in line and words in line
         assert not out.exists()
     # the prefix states record their examples too (a file copied from another run is refused)
-    record = retrain.examples_record([], [])
+    record = examples_record([], [])
     with pytest.raises(UserError, match="holds the prefix states of other examples"):
         retrain.cached_prefix_states(None, [], [], 1, out.with_name("gt.safetensors.parts"),
                                      record)  # fmt: skip
@@ -213,7 +214,7 @@ def test_a_resumed_run_over_changed_train_data_is_refused(
     truth = load_ground_truth(out)
     assert (
         truth.info["train_sha256"]
-        == retrain.examples_record(*tokenized(tiny_llama, own_data))["train_sha256"]
+        == examples_record(*tokenized(tiny_llama, own_data))["train_sha256"]
     )
     write_jsonl(train, edited)
     line = refused(cli_args(tiny_llama, train, test, out), capsys, train.parent, out.parent)
@@ -234,9 +235,9 @@ def test_the_shipped_file_of_the_older_format_is_checked_by_its_ids():
     assert "train_sha256" not in info
     record = {f"{side}_{key}": list(info[f"{side}_ids"])
               for side in ("train", "test") for key in ("ids", "sha256")}  # fmt: skip
-    assert retrain.data_difference(info, record) is None
+    assert data_difference(info, record) is None
     record["test_ids"] = record["test_ids"][:-1]
-    assert retrain.data_difference(info, record) == f"test example {info['test_ids'][-1]!r} is gone"
+    assert data_difference(info, record) == f"test example {info['test_ids'][-1]!r} is gone"
 
 
 @pytest.mark.parametrize("change", ["gained", "lost"])
@@ -410,3 +411,28 @@ def test_one_subset_of_the_shipped_ground_truth_is_recomputed(shipped):
     retrain.train_subset(model, params, train_states, train, order, cfg)
     losses = retrain.evaluate(model, test_states, test)
     assert np.allclose(losses.numpy(), truth.losses[0], rtol=1e-4, atol=1e-5)
+
+
+def test_retrain_keeps_and_skips_the_examples_the_extraction_does(tiny_llama, tmp_path):
+    """One tokenization path: a row whose answer lies past max_seq_length is skipped by both;
+    the ground truth records it in its own words (docs/formats.md), the rest are the same
+    examples, token for token."""
+    dataset = write_jsonl(tmp_path / "long.jsonl", conversations(8, long_every=4))
+    cfg = config(tiny_llama, (dataset, dataset), None, max_seq_length=40)
+    tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, 0))
+    kept, skipped = retrain.read_examples(cfg, tokenizer, str(dataset), "train")
+    rows, _ = data.load_rows(str(dataset), "train")
+    extracted, extraction_skipped = data.Tokenization(tokenizer, "sft", 40, "0", False).examples(
+        rows, 0, 0, len(rows)
+    )
+    assert [(ex.input_ids, ex.labels) for ex in kept] == [
+        (ex.input_ids, ex.labels) for ex in extracted
+    ]
+    assert (
+        skipped
+        == [
+            {"index": s["index"], "id": s["id"], "reason": "no label token"}
+            for s in extraction_skipped
+        ]
+        != []
+    )

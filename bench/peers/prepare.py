@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gradproj import data
 from gradproj.models import load_tokenizer, resolve_checkpoint
-from gradproj.retrain import load_ground_truth
+from gradproj.truth import load_ground_truth
 
 
 def tokenized(tokenizer, dataset: str, split: str, ids: list[str], max_seq_length: int) -> list:

@@ -19,8 +19,8 @@ from gradproj.analysis.lds import (
     per_test_lds,
 )
 from gradproj.analysis.retrieval import method_label
-from gradproj.retrain import load_ground_truth
 from gradproj.scoredir import load_score_dir
+from gradproj.truth import load_ground_truth
 
 # Not rerun by run.py (bench/RESULTS.md figures), shown as such.
 EXTRACTION_NOTE = (

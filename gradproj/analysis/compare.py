@@ -467,7 +467,7 @@ def linear_datamodeling(
     """lds.csv and lds_pairs.csv: every score directory given (with --retrieval_methods), BM25
     and random, against the ground truth of --lds."""
     from gradproj.analysis.lds import lds_methods, tables_of
-    from gradproj.retrain import load_ground_truth
+    from gradproj.truth import load_ground_truth
 
     truth = load_ground_truth(config.lds)
     others = [load_score_dir(path) for path in config.retrieval_methods]

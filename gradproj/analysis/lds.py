@@ -29,8 +29,8 @@ from gradproj.analysis.retrieval import (
 )
 from gradproj.analysis.stats import bootstrap_ci
 from gradproj.errors import UserError
-from gradproj.retrain import GroundTruth
 from gradproj.scoredir import FUNCTIONS, ScoreDir
+from gradproj.truth import GroundTruth
 
 
 def per_test_lds(masks: np.ndarray, losses: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gradproj import data, models, store
-from gradproj.errors import UserError, check_unique_ids
+from gradproj.errors import UserError
 from gradproj.extract.config import SAVE_DTYPES, ExtractConfig
 from gradproj.extract.layout import check_existing, is_complete, run_dirs
 from gradproj.extract.slurm import Preemption, Stopped, array_share, task_range
@@ -35,13 +35,13 @@ def run_extraction(cfg: ExtractConfig) -> int:
     if cfg.limit is not None:
         rows = rows.select(range(min(cfg.limit, len(rows))))
     start, end = task_range(cfg, len(rows))  # before loading the model: bad ranges fail fast
-    ids = data.example_ids(rows, first_row)
-    check_unique_ids(ids, f"{cfg.dataset} {cfg.dataset_split}", first_row)
+    where = f"{cfg.dataset} {cfg.dataset_split}"
+    ids = data.checked_ids(rows, first_row, where)
     chosen = [(first_row + i, example) for i, example in enumerate(ids)]
     if all(is_complete(d, chosen) for d in dirs.values()):  # may be read-only: write nothing
         print(f"complete already, nothing to do: {', '.join(map(str, dirs.values()))}")
         return 0
-    check_rows(cfg, rows, first_row)
+    data.check_invalid_rows(rows, first_row, where, cfg.paradigm, cfg.skip_invalid_rows)
     for path in dirs.values():
         store.check_writable(path)
     if cfg.mode == "store_mean":
@@ -72,19 +72,6 @@ def run_extraction(cfg: ExtractConfig) -> int:
     return extractor.run(start, end)
 
 
-def check_rows(cfg: ExtractConfig, rows, first_row: int) -> None:
-    """Every chosen row must suit the paradigm, or with --skip_invalid_rows is named and skipped."""
-    invalid = data.invalid_rows(rows, cfg.paradigm, first_row)
-    if not invalid:
-        return
-    where = f"{cfg.dataset} {cfg.dataset_split}"
-    if not cfg.skip_invalid_rows:
-        outcome = "fix them, or pass --skip_invalid_rows to record them as skipped and go on"
-        raise UserError(data.describe_invalid(invalid, where, outcome))
-    outcome = "skipped (--skip_invalid_rows), each recorded in the manifest with its reason"
-    print("warning: " + data.describe_invalid(invalid, where, outcome), file=sys.stderr)
-
-
 def run_header(cfg: ExtractConfig, checkpoint, model, n_rows: int) -> dict:
     """The manifest fields every run of this pass shares ("target" and "identity" per target)."""
     return {
@@ -109,7 +96,7 @@ class Extractor:
     """Runs the batches of one task range, shard by shard, for every target at once."""
 
     def __init__(self, cfg, rows, first_row, ids, tokenizer, model, targets, dirs, header):
-        self.cfg, self.rows, self.tokenizer, self.model = cfg, rows, tokenizer, model
+        self.cfg, self.rows, self.model = cfg, rows, model
         self.first_row = first_row  # split row of rows[0]: examples are named by split rows
         self.ids = ids  # each row's example id
         self.targets: dict[str, Target] = targets
@@ -117,6 +104,10 @@ class Extractor:
         self.header = header
         self.causal = cfg.paradigm != "mlm"
         self.pad_id = tokenizer.pad_token_id or 0
+        self.tokenization = data.Tokenization(
+            tokenizer, cfg.paradigm, cfg.max_seq_length, str(cfg.checkpoint_nr),
+            cfg.skip_invalid_rows,
+        )  # fmt: skip
         self.preemption = Preemption()
         self.stats = {"examples": 0, "skipped": 0, "tokens": 0, "shards_written": 0}
 
@@ -148,38 +139,6 @@ class Extractor:
             if problem is not None:
                 problems[shard] = problem
         return problems
-
-    def tokenize(self, start: int, end: int) -> tuple[list[data.Example], list[dict]]:
-        """Rows start..end-1 of the chosen rows as examples; those without a label are skipped."""
-        kept, skipped = [], []
-        for i in range(start, end):
-            index, row = self.first_row + i, self.rows[i]
-            ex, problem = self.tokenize_row(row, index)
-            if ex is None:
-                eid = data.example_id(row, index)
-                skipped.append({"index": index, "id": eid, "tokens": 0, "reason": problem})
-            elif data.label_positions(ex, self.cfg.paradigm) == 0:
-                reason = f"no label token within max_seq_length={self.cfg.max_seq_length}"
-                skipped.append({"index": index, "id": ex.id, "tokens": ex.length, "reason": reason})
-            else:
-                kept.append(ex)
-        return kept, skipped
-
-    def tokenize_row(self, row: dict, index: int) -> tuple[data.Example | None, str | None]:
-        """The row's example, or (None, why) for a row --skip_invalid_rows lets through."""
-        problem = data.row_problem(row, self.cfg.paradigm)
-        if problem is None:
-            try:
-                return data.tokenize(
-                    self.tokenizer, row, index, self.cfg.paradigm, self.cfg.max_seq_length,
-                    str(self.cfg.checkpoint_nr),
-                ), None  # fmt: skip
-            except Exception as err:  # text that the tokenizer or chat template cannot take
-                problem = f"the tokenizer cannot take it ({type(err).__name__}: {err})"
-        if not self.cfg.skip_invalid_rows:
-            eid = data.example_id(row, index)
-            raise UserError(f"row {index} (id {eid!r}): {problem}; fix it or --skip_invalid_rows")
-        return None, f"invalid row: {problem}"
 
     def payloads(self, examples, progress) -> dict[str, list]:
         """{target: [(example, payload)]} in dataset order within a shard."""
@@ -261,7 +220,7 @@ class Extractor:
         return True
 
     def write_shard(self, start: int, end: int, progress) -> None:
-        kept, skipped = self.tokenize(start, end)
+        kept, skipped = self.tokenization.examples(self.rows, self.first_row, start, end)
         progress.update(len(skipped))
         fresh = {}
         for i, (name, pairs) in enumerate(self.payloads(kept, progress).items()):
@@ -331,7 +290,7 @@ class Extractor:
         for path in self.dirs.values():
             store.remove_leftovers(path)
         progress = tqdm(total=n, unit="ex", desc="gradients")
-        kept, skipped = self.tokenize(0, n)
+        kept, skipped = self.tokenization.examples(self.rows, self.first_row, 0, n)
         progress.update(len(skipped))
         fresh = {}
         payloads = self.payloads(kept, progress)
