@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -44,6 +45,8 @@ def test_wheel_installs_the_gradproj_command(tmp_path):
         str(source),
     )
     (wheel,) = (tmp_path / "dist").glob("gradproj-*.whl")
+    page = {f"gradproj/analysis/page/explanations.{s}" for s in ("html", "css", "js")}
+    assert page <= set(zipfile.ZipFile(wheel).namelist())  # package data: the explanation page
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
