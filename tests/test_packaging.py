@@ -14,6 +14,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from gradproj import cli
@@ -26,6 +27,7 @@ def run(*argv, **kwargs) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_gradproj_command(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
