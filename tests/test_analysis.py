@@ -427,6 +427,7 @@ def emulation_config(tmp_path, **options) -> CompareConfig:
     )
 
 
+@pytest.mark.slow
 def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     """The ablation's `none` row recomputes the candidates' projection from the full runs."""
     comparison = compare_projections(emulation_config(tmp_path))
@@ -441,6 +442,7 @@ def test_emulation_without_steps_reproduces_measured_agreement(tmp_path):
     assert "original_curves.png" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_emulation_is_reused_until_an_input_changes(tmp_path, monkeypatch):
     emulate = compare_module.ablation_table
     calls = []

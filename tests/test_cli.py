@@ -107,6 +107,7 @@ def test_unknown_command_exits_2(capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sbatch_runs_the_installed_command_without_a_checkout(tiny_llama, tmp_path):
     """extract_grads.sbatch run from elsewhere, with no GRADPROJ_HOME: `python -m gradproj`."""
     rows = write_jsonl(tmp_path / "rows.jsonl", conversations(5))

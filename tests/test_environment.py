@@ -332,6 +332,7 @@ def test_a_shard_held_by_another_process_is_left_to_it_and_taken_when_it_dies(
     assert run_contents(run) == reference
 
 
+@pytest.mark.slow
 def test_two_concurrent_extractions_split_the_shards(tiny_llama, sft_file, tmp_path):
     argv = extract_argv(tiny_llama, sft_file, tmp_path / "ref", "--gradients_per_file", "1")
     assert extract_main(argv) == 0

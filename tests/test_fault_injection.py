@@ -68,6 +68,7 @@ def kill_and_rerun(script: str, argv: list[str], span: float, seed: int) -> list
     return moments
 
 
+@pytest.mark.slow
 def test_extraction_killed_ten_times_ends_byte_identical(tiny_llama, tmp_path):
     dataset = write_jsonl(tmp_path / "sft.jsonl", conversations(8, long_every=5))
     out = tmp_path / "g"
@@ -96,6 +97,7 @@ def runs(tiny_llama, tmp_path):
     return paths
 
 
+@pytest.mark.slow
 def test_scoring_killed_ten_times_ends_byte_identical(runs, tmp_path):
     out = tmp_path / "scores" / "both"
     argv = ["--train", str(runs["train"]), "--test", str(runs["test"]), "--output", str(out),
@@ -142,6 +144,7 @@ def scored_tree(runs, out, top_k: str) -> tuple[list[str], dict]:
     return argv, reference
 
 
+@pytest.mark.slow
 def test_concurrent_scorings_into_one_output_leave_one_complete_scoring(runs, tmp_path):
     """20 times, two scorings (different --top_k) start together into one --output: each ends
     with one of them complete there (a loser fails at once, naming the lock), never a mix."""

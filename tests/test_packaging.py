@@ -11,8 +11,10 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from gradproj import cli
@@ -25,6 +27,7 @@ def run(*argv, **kwargs) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_wheel_installs_the_gradproj_command(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
@@ -44,6 +47,8 @@ def test_wheel_installs_the_gradproj_command(tmp_path):
         str(source),
     )
     (wheel,) = (tmp_path / "dist").glob("gradproj-*.whl")
+    page = {f"gradproj/analysis/page/explanations.{s}" for s in ("html", "css", "js")}
+    assert page <= set(zipfile.ZipFile(wheel).namelist())  # package data: the explanation page
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))

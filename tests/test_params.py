@@ -122,6 +122,7 @@ def test_batch_size_invariance(setup, output):
         assert relative_error(b, a) < 1e-5
 
 
+@pytest.mark.slow
 def test_kronecker_inner_products_are_unbiased_across_seeds(setup):
     model, pad_id, examples = setup
     names = [n for n, _ in linear_modules(model, MLP, False)]

@@ -114,6 +114,7 @@ def tiny_bench(tiny_llama, tmp_path_factory):
     return {"root": root, "train": train, "test": test, "gradients": grads, "truth": truth}
 
 
+@pytest.mark.slow
 def test_bench_peers_dry_run_end_to_end_on_the_tiny_model(tiny_llama, tiny_bench, tmp_path):
     run = bench_module("run")
     out = tmp_path / "out"

@@ -255,6 +255,7 @@ def test_a_resumed_run_over_a_test_set_of_other_rows_is_one_line(
     assert words in line
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_output_share_the_work(tiny_llama, toy_data, tmp_path):
     """Case 3: two `gradproj retrain` started together on one --output both succeed, and the
     file is a single process's, byte for byte; only the file and its lock are left."""

@@ -137,6 +137,7 @@ def test_explicit_ranges_that_partition_the_examples_partition_the_shards(monkey
     assert_partition(ranges, 13, 3)
 
 
+@pytest.mark.slow
 def test_start_end_of_two_processes_union_to_a_full_run(tiny_llama, dataset, tmp_path):
     """Two concurrent processes (no SLURM) with --start/--end write one run directory."""
     direct(tiny_llama, dataset, tmp_path / "ref", "--gradients_per_file", "3")
@@ -197,6 +198,7 @@ def wait_for(condition, what: str, timeout: float = 180, poll: float = 0.05):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_one_job_with_the_original_arguments_matches_a_direct_run(
     cluster, tiny_llama, dataset, tmp_path
@@ -217,6 +219,7 @@ def test_one_job_with_the_original_arguments_matches_a_direct_run(
     assert len(list((tmp_path / "job").rglob(store.MANIFEST))) == 3  # full, rademacher, normal
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_array_of_four_tasks_equals_one_direct_run(cluster, tiny_llama, dataset, tmp_path):
     args = ("--random_projection", "full,16", "--gradients_per_file", "3")
@@ -273,6 +276,7 @@ def assert_stopped_cleanly(log: str, run_dir: Path, sig="SIGTERM") -> None:
     assert not list(run_dir.glob(".shard-*")), "temporary shard left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_job_stopped_by_sigterm_leaves_no_partial_shard_and_resumes(
     cluster, tiny_llama, dataset, tmp_path
@@ -304,6 +308,7 @@ def test_job_stopped_by_sigterm_leaves_no_partial_shard_and_resumes(
     assert_same_run(tmp_path / "job", tmp_path / "ref")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.parametrize("how", ["scontrol requeue", "SIGUSR1 before the time limit"])
 def test_requeued_job_resumes_where_it_stopped(cluster, tiny_llama, dataset, tmp_path, how):
@@ -339,6 +344,7 @@ def test_requeued_job_resumes_where_it_stopped(cluster, tiny_llama, dataset, tmp
     assert_same_run(tmp_path / "job", tmp_path / "ref")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_gpu_request_fails_at_submission_and_docs_say_how_to_override(
     cluster, tiny_llama, dataset, tmp_path

@@ -4,7 +4,7 @@ import pytest
 
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the lead moves this to conftest)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_batch_job_completes(slurm_cluster, tmp_path):  # noqa: F811

@@ -17,6 +17,7 @@ thousands of test examples (bench/explanations_page.py measures it).
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -148,10 +149,18 @@ def render(data: dict) -> str:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     payload = payload.replace("<", "\\u003c")
     return (
-        TEMPLATE.replace("/*STYLE*/", STYLE)
-        .replace("/*SCRIPT*/", SCRIPT)
-        .replace("/*DATA*/", payload)
+        page_asset("html")
+        .replace("/*STYLE*/", page_asset("css"))
+        .replace("/*SCRIPT*/", page_asset("js"))
+        .replace("/*DATA*/", payload)  # last: no placeholder inside the data is replaced
     )
+
+
+def page_asset(suffix: str) -> str:
+    """The page's template, style sheet or script: package data in gradproj/analysis/page/, kept
+    as files of their own so that editors and linters read them as HTML, CSS and JS."""
+    path = resources.files("gradproj.analysis") / "page" / f"explanations.{suffix}"
+    return path.read_text(encoding="utf-8")
 
 
 def write_explanations(
@@ -161,197 +170,3 @@ def write_explanations(
     page = Path(output) / PAGE
     store.atomic_write_bytes(page, render(page_data(paths, metrics, source_field, lds)).encode())
     return page
-
-
-TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>gradproj explanations</title>
-<style>/*STYLE*/</style></head>
-<body>
-<aside id="side"><h1>Test examples</h1>
-<input id="search" type="search" placeholder="search ids and text" autocomplete="off">
-<div id="count"></div><ol id="tests"></ol></aside>
-<main id="main"><p class="hint">Pick a test example on the left.</p></main>
-<script type="application/json" id="data">/*DATA*/</script>
-<script>/*SCRIPT*/</script>
-</body></html>
-"""
-
-STYLE = """
-* { box-sizing: border-box; }
-body { margin: 0; display: flex; height: 100vh; font: 14px/1.4 system-ui, sans-serif;
-  color: #1d2330; background: #f6f7f9; }
-aside { width: 280px; flex: none; display: flex; flex-direction: column; border-right: 1px solid
-  #d5d9e0; background: #fff; }
-aside h1 { font-size: 15px; margin: 12px 12px 6px; }
-#search { margin: 0 12px 4px; padding: 6px 8px; border: 1px solid #b9c0cc; border-radius: 4px; }
-#count { margin: 0 12px 6px; color: #667; font-size: 12px; }
-#tests { list-style: none; margin: 0; padding: 0; overflow-y: auto; flex: 1; }
-#tests li { padding: 6px 12px; cursor: pointer; border-top: 1px solid #eef0f3; }
-#tests li:hover { background: #eef3fb; }
-#tests li.active { background: #dbe7fb; }
-#tests li b { display: block; font-size: 13px; }
-#tests li span { color: #556; font-size: 12px; display: block; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
-main { flex: 1; overflow-y: auto; padding: 14px 20px; }
-h2 { font-size: 17px; margin: 4px 0 8px; } h3 { font-size: 14px; margin: 14px 0 6px; }
-.turn { margin: 4px 0; padding: 6px 10px; border-radius: 6px; white-space: pre-wrap;
-  background: #fff; border: 1px solid #e1e4ea; }
-.turn .role { font-size: 11px; text-transform: uppercase; color: #778; display: block; }
-.turn.assistant { background: #f1f7ee; }
-details.agreement { margin: 10px 0; } details.agreement summary { cursor: pointer;
-  font-weight: 600; }
-table.agreement { border-collapse: collapse; background: #fff; font-size: 12px; }
-table.agreement td, table.agreement th { border: 1px solid #dde1e7; padding: 3px 8px;
-  text-align: right; }
-table.agreement td:nth-child(-n+2), table.agreement th:nth-child(-n+2) { text-align: left; }
-.functions button { margin-right: 6px; padding: 3px 10px; border: 1px solid #99a3b5;
-  background: #fff; border-radius: 4px; cursor: pointer; }
-.functions button.on { background: #2f5fb3; color: #fff; border-color: #2f5fb3; }
-.columns { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
-.column { flex: 1 1 250px; min-width: 250px; max-width: 100%; }
-.column .lds { font-size: 12px; color: #2f5fb3; font-weight: 600; }
-.methods, .functions { margin: 6px 0; }
-.methods label { margin-right: 12px; font-size: 12px; white-space: nowrap; }
-.column h3 { margin-top: 8px; }
-.column .path { color: #778; font-size: 11px; word-break: break-all; }
-.entry { background: #fff; border: 1px solid #e1e4ea; border-radius: 6px; padding: 6px 8px;
-  margin: 6px 0; }
-.entry.source { border: 2px solid #d98b00; background: #fff8e8; }
-.entry .head { font-size: 12px; color: #445; }
-.entry .head b { color: #1d2330; }
-.badge { display: inline-block; background: #d98b00; color: #fff; border-radius: 3px;
-  padding: 0 5px; font-size: 11px; margin-left: 6px; }
-.entry details summary { cursor: pointer; white-space: nowrap; overflow: hidden;
-  text-overflow: ellipsis; color: #334; }
-.entry details[open] summary { white-space: normal; }
-.kind { font-size: 12px; font-weight: 600; color: #556; margin: 10px 0 0; }
-.hint { color: #667; }
-"""
-
-SCRIPT = r"""
-"use strict";
-const DATA = JSON.parse(document.getElementById("data").textContent);
-const testsEl = document.getElementById("tests"), mainEl = document.getElementById("main");
-const searchEl = document.getElementById("search"), countEl = document.getElementById("count");
-const functions = [...new Set(DATA.methods.flatMap(m => m.functions))];
-let chosen = null;
-let func = DATA.function || (functions.includes("cosine") ? "cosine" : functions[0]);
-const hidden = new Set();  // score directories the reader has unticked
-
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  for (const c of children) node.append(c);
-  return node;
-}
-const flat = t => t.map(m => m[1]).join(" ");
-const haystack = DATA.tests.map(t => (t.id + " " + flat(t.messages)).toLowerCase());
-
-function showList() {
-  const q = searchEl.value.trim().toLowerCase();
-  const items = [];
-  DATA.tests.forEach((t, i) => {
-    if (q && !haystack[i].includes(q)) return;
-    const li = el("li", {"data-test": t.id}, el("b", {}, t.id),
-                  el("span", {}, (t.messages[0] || ["", ""])[1].slice(0, 120)));
-    if (i === chosen) li.className = "active";
-    li.onclick = () => choose(i);
-    items.push(li);
-  });
-  testsEl.replaceChildren(...items);
-  countEl.textContent = items.length + " of " + DATA.tests.length;
-}
-
-function conversation(turns) {
-  return turns.map(([role, text]) =>
-    el("div", {class: "turn " + role}, el("span", {class: "role"}, role), text));
-}
-
-function agreementTable(testId) {
-  const rows = (DATA.agreement.rows || {})[testId] || [];
-  if (!rows.length) return [];
-  const head = el("tr", {}, ...["candidate", "function", ...DATA.agreement.metrics]
-    .map(h => el("th", {}, h)));
-  const cell = v => el("td", {}, v === null ? "-" : String(v));
-  const body = rows.map(r => el("tr", {}, ...r.map(cell)));
-  const title = "Agreement with the reference for this test example (" + rows.length + " rows)";
-  return [el("details", {class: "agreement"}, el("summary", {}, title),
-             el("table", {class: "agreement"}, head, ...body))];
-}
-
-function entries(method, lists, kind, source) {
-  const ids = lists[kind + "_ids"], scores = lists[kind + "_scores"];
-  return ids.map((id, r) => {
-    const rank = kind === "top" ? r + 1 : method.n_train - r;
-    const isSource = source !== null && source.split(", ").includes(id);
-    const turns = DATA.train[id];
-    const head = el("div", {class: "head"}, el("b", {}, "#" + rank), " \u00b7 " + func + " " +
-                    scores[r].toPrecision(5) + " \u00b7 ", el("b", {}, id));
-    if (isSource) head.append(el("span", {class: "badge"}, "source"));
-    const details = el("details", {}, el("summary", {}, flat(turns)), ...conversation(turns));
-    return el("div", {class: "entry" + (isSource ? " source" : ""), "data-train": id,
-                      "data-rank": rank}, head, details);
-  });
-}
-
-function column(method, i) {
-  const lists = method.lists[i];
-  const col = el("div", {class: "column", "data-method": method.label},
-                 el("h3", {}, method.label), el("div", {class: "path"}, method.path));
-  const lds = Object.entries(method.lds || {})
-    .map(([f, v]) => "LDS " + v.toFixed(2) + " (" + f + ")");
-  if (lds.length) col.append(el("div", {class: "lds"}, lds.join(" \u00b7 ")));
-  if (!lists || !lists[func]) {
-    col.append(el("p", {class: "hint"}, "not scored with " + func));
-    return col;
-  }
-  const source = DATA.tests[i].source;
-  col.append(el("div", {class: "kind"}, "Proponents (highest " + func + ")"),
-             ...entries(method, lists[func], "top", source),
-             el("div", {class: "kind"}, "Opponents (lowest " + func + ")"),
-             ...entries(method, lists[func], "bottom", source));
-  return col;
-}
-
-function show() {
-  const t = DATA.tests[chosen];
-  const buttons = functions.map(f => {
-    const b = el("button", {class: f === func ? "on" : "", "data-function": f}, f);
-    b.onclick = () => { func = f; show(); };
-    return b;
-  });
-  const toggles = DATA.methods.map((m, k) => {
-    const box = el("input", {type: "checkbox", "data-method": m.label});
-    box.checked = !hidden.has(k);
-    box.onchange = () => { box.checked ? hidden.delete(k) : hidden.add(k); show(); };
-    return el("label", {}, box, " " + m.label);
-  });
-  const shown = DATA.methods.filter((m, k) => !hidden.has(k));
-  mainEl.replaceChildren(
-    el("h2", {id: "test-id"}, "Test example " + t.id),
-    ...(t.source ? [el("p", {}, "Known source: ", el("b", {}, t.source))] : []),
-    ...conversation(t.messages),
-    ...agreementTable(t.id),
-    el("h3", {}, "Train examples by score"),
-    el("div", {class: "methods"}, ...toggles),
-    el("div", {class: "functions"}, ...buttons),
-    el("div", {class: "columns"}, ...shown.map(m => column(m, chosen))));
-}
-
-function choose(i) {
-  chosen = i;
-  history.replaceState(null, "", "#" + encodeURIComponent(DATA.tests[i].id));
-  for (const li of testsEl.children)
-    li.classList.toggle("active", li.dataset.test === DATA.tests[i].id);
-  show();
-}
-
-searchEl.oninput = showList;
-showList();
-const fromHash = DATA.tests.findIndex(t => "#" + encodeURIComponent(t.id) === location.hash);
-if (DATA.tests.length) choose(fromHash >= 0 ? fromHash : 0);
-document.body.dataset.ready = "1";
-document.body.dataset.readyMs = performance.now().toFixed(0);  // for bench/explanations_page.py
-"""
