@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from gradproj import __version__, data, store
+from gradproj import __version__, data, fsio
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.gradients import pad_batch, per_example_mean_loss
 
@@ -108,7 +108,7 @@ class RetrainConfig:
                 raise UserError(message)
         if self.output.suffix != ".safetensors":
             raise UserError(f"--output {self.output}: name a .safetensors file")
-        store.check_output(self.output, "--output")
+        fsio.check_output(self.output, "--output")
         folder = next(p for p in self.output.absolute().parents if p.exists())
         if not folder.is_dir():  # its lock and parts go beside it
             raise UserError(f"--output {self.output}: {folder} is not a directory")
@@ -156,7 +156,7 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     what = f"{path} is not a gradproj ground-truth file"
     try:
         with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get(store.METADATA_KEY, "{}"))
+            info = json.loads((f.metadata() or {}).get(fsio.METADATA_KEY, "{}"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except Exception as err:  # truncated, or not safetensors at all
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
@@ -308,10 +308,10 @@ def cache_prefix_states(model, examples: list[data.Example], first: int) -> list
 
 
 def claim(parts: Path, part: str, wait: bool = True):
-    """This process's claim on computing one part (a `store.file_lock` in `parts/.locks/`):
+    """This process's claim on computing one part (a `fsio.file_lock` in `parts/.locks/`):
     processes sharing the parts split the subsets, and wait for the prefix states and the base
     losses rather than repeat them."""
-    return store.file_lock(parts / CLAIMS / f"{part}.lock", wait=wait)
+    return fsio.file_lock(parts / CLAIMS / f"{part}.lock", wait=wait)
 
 
 def cached_prefix_states(model, train, test, first: int, parts: Path, record: dict):
@@ -324,10 +324,10 @@ def cached_prefix_states(model, train, test, first: int, parts: Path, record: di
             tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states,
                                                                    strict=True)
                        for i, state in enumerate(group)}  # fmt: skip
-            store.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT, **record})
+            fsio.write_safetensors(tensors, path, {"format": RETRAIN_FORMAT, **record})
             return states
     with safe_open(str(path), "pt") as f:
-        difference = data_difference(store.read_metadata(f), record)
+        difference = data_difference(fsio.read_metadata(f), record)
         if difference:
             raise UserError(
                 f"{path} holds the prefix states of other examples ({difference}); remove "
@@ -488,8 +488,8 @@ def make_parts(parts: Path, settings: dict) -> None:
     """A new parts directory, made whole by one rename: whoever finds it finds its settings."""
     new = Path(tempfile.mkdtemp(dir=parts.parent, prefix=f".{parts.name}.new-"))
     try:
-        store.honour_umask(new, directory=True)  # mkdtemp makes 0700
-        store.atomic_write_json(new / SETTINGS_FILE, settings)
+        fsio.honour_umask(new, directory=True)  # mkdtemp makes 0700
+        fsio.atomic_write_json(new / SETTINGS_FILE, settings)
         os.rename(new, parts)
     except OSError:
         if not parts.is_dir():  # else another process made it first: it is joined
@@ -563,11 +563,11 @@ def _retrain(cfg: RetrainConfig) -> Path:
     }
     began = time.time()
     lock = cfg.output.with_name(f".{cfg.output.name}.lock")
-    with store.file_lock(lock, shared=True):  # shared by the processes working on the output
+    with fsio.file_lock(lock, shared=True):  # shared by the processes working on the output
         if finished(cfg, record):  # assembled meanwhile
             return cfg.output
         compute_parts(cfg, model, train, test, record, description)
-    with store.file_lock(lock):  # once no process works on the parts: they are complete
+    with fsio.file_lock(lock):  # once no process works on the parts: they are complete
         if finished(cfg, record):  # another process sharing the parts assembled them
             return cfg.output
         assemble(parts_dir(cfg.output), cfg.output, cfg.n_subsets, info)
@@ -612,7 +612,7 @@ def run_subsets(
         if not (parts / BASE_PART).is_file():
             base = evaluate(model, test_states, test)
             check_finite(base, test, "before fine-tuning", "the model gives it no finite loss")
-            store.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
+            fsio.write_safetensors({"losses": base}, parts / BASE_PART, {"format": RETRAIN_FORMAT})
     print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
     progress = tqdm(
         total=cfg.n_subsets, initial=cfg.n_subsets - len(todo), desc="subsets", unit="subset"
@@ -630,7 +630,7 @@ def run_subsets(
                 check_finite(losses, test, f"after fine-tuning on subset {s}",
                              f"the training diverged; lower --lr (now {cfg.lr:g})")  # fmt: skip
                 tensors = {"mask": torch.from_numpy(mask), "losses": losses}
-                store.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
+                fsio.write_safetensors(tensors, parts / part_name(s), {"format": RETRAIN_FORMAT})
                 progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")
             progress.update(int(claimed))
         return claimed
@@ -652,7 +652,7 @@ def assemble(parts: Path, output: Path, n_subsets: int, info: dict) -> None:
     with safe_open(str(parts / BASE_PART), "pt") as f:
         base = f.get_tensor("losses")
     tensors = {"masks": torch.stack(masks), "losses": torch.stack(losses), "base_losses": base}
-    store.write_safetensors(tensors, output, info)
+    fsio.write_safetensors(tensors, output, info)
     for leftover in [parts, *parts.parent.glob(f".{parts.name}.new-*")]:
         shutil.rmtree(leftover)
 

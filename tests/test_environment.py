@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gradproj import models, scoredir, store
+from gradproj import fsio, models, scoredir, store
 from gradproj.cli import extract_main, score_main
 from gradproj.errors import run_cli
 from tests.conftest import REPO
@@ -107,7 +107,7 @@ class ReadOnly:
                 self.refuse(path)
             return real_os_open(path, flags, *args, **kwargs)
 
-        real_save = store.save_file
+        real_save = fsio.save_file
 
         def guarded_save(tensors, path, *args, **kwargs):
             self.refuse(path)
@@ -169,7 +169,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
     argv = extract_argv(tiny_llama, sft_file, tmp_path / "ref")
     assert extract_main(argv) == 0
     reference = run_contents(full_run(tmp_path / "ref", tiny_llama, sft_file))
-    real_save, calls = store.save_file, []
+    real_save, calls = fsio.save_file, []
 
     def full_disk(tensors, path, metadata=None):
         calls.append(path)
@@ -196,7 +196,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
 
 def test_safetensors_io_error_becomes_the_os_error(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        store.save_safetensors({}, tmp_path / "missing" / "x.safetensors", {})
+        fsio.save_safetensors({}, tmp_path / "missing" / "x.safetensors", {})
     assert info.value.errno == errno.ENOENT
 
 
@@ -362,5 +362,5 @@ def test_influence_output_has_no_staging_left_when_build_fails(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
     with pytest.raises(OSError), scoredir.exclusive_output(out):
-        scoredir.replace_dir(out, build)
+        fsio.replace_dir(out, build)
     assert [p.name for p in tmp_path.iterdir()] == [".scores.lock"]  # the lock file is kept
