@@ -118,7 +118,7 @@ class ReadOnly:
         monkeypatch.setattr(os, "open", guarded_os_open)
         for name in ("mkdir", "replace", "rename", "unlink", "rmdir", "chmod"):
             monkeypatch.setattr(os, name, self.guard(getattr(os, name)))
-        monkeypatch.setattr(store, "save_file", guarded_save)
+        monkeypatch.setattr(fsio, "save_file", guarded_save)
 
     def refuse(self, path):
         if str(os.path.abspath(path)).startswith(self.root):
@@ -179,7 +179,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(store, "save_file", full_disk)
+    monkeypatch.setattr(fsio, "save_file", full_disk)
     out = tmp_path / "g"
     code, err = cli(extract_main, extract_argv(tiny_llama, sft_file, out), capsys)
     run = full_run(out, tiny_llama, sft_file)
@@ -189,7 +189,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
     assert sorted(p.name for p in run.iterdir()) == [".lock", ".locks", "0_4.safetensors",
                                                      "manifest.json"]  # fmt: skip
     assert [s["file"] for s in store.Run(run).manifest["shards"]] == ["0_4.safetensors"]
-    monkeypatch.setattr(store, "save_file", real_save)
+    monkeypatch.setattr(fsio, "save_file", real_save)
     assert extract_main(extract_argv(tiny_llama, sft_file, out)) == 0
     assert run_contents(run) == reference
 
