@@ -209,10 +209,11 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
 def iter_shard_chunks(run: Run, max_bytes: int) -> Iterator[Shard]:
-    """A run's examples in manifest order, as `Shard`s of whole examples of about `max_bytes`.
+    """A run's examples in manifest order, as chunks of its shards: `Shard`s of whole examples
+    of about `max_bytes`.
 
     Slices are read through safetensors' lazy slicing, so a shard larger than memory is never
-    loaded whole; a block holds at least one example, however large. Full blocks carry offsets
+    loaded whole; a chunk holds at least one example, however large. Full chunks carry offsets
     that start at 0.
     """
     for entry in run.manifest["shards"]:
