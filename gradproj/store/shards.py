@@ -190,7 +190,7 @@ def load_shard(path: Path) -> Shard:
 def claim_shard(run_dirs: list[Path], start: int, end: int, wait: bool) -> Iterator[bool]:
     """Claim a shard for this process across its run directories: yields whether it got it.
 
-    The claim is a `file_lock` on `.locks/<shard>.lock` in each directory.
+    The claim is a `fsio.file_lock` on `.locks/<shard>.lock` in each directory.
     """
     with contextlib.ExitStack() as stack:
         for run_dir in sorted(map(Path, run_dirs)):  # one order for all: waiting cannot deadlock
@@ -214,6 +214,13 @@ def remove_leftovers(run_dir: Path) -> None:
         with claim_shard([run_dir], int(span[1]), int(span[2]), wait=False) as claimed:
             if claimed:
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --- The tensors of a shard ---
+#
+# A shard holds `index` (int64 [n], each example's row of the split) and either `vectors`
+# ([n, width]: projections, parameter gradients, hidden states) or the ragged `values`
+# ([sum of lengths, width]) with `offsets` (int64 [n + 1]) of full embedding gradients.
 
 
 def shard_tensors(
