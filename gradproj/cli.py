@@ -174,117 +174,18 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from dotenv import load_dotenv
 
-    from gradproj import extract
+    from gradproj import extract, store
     from gradproj.errors import UserError
 
     load_dotenv()
     if args.verify:
-        return verify_run(args.verify)
+        return store.verify_run(args.verify)
     if args.merge:
-        return merge_run(args.merge)
+        return store.merge_run(args.merge)
     if args.model is None or args.dataset is None or args.checkpoint_nr is None:
         raise UserError("model, dataset and checkpoint_nr are required (see --help)")
     options = {k: v for k, v in vars(args).items() if k not in ("verify", "merge")}
     return extract.run_extraction(extract.ExtractConfig(**options))
-
-
-# --- gradproj verify / merge (and extract's --verify / --merge) ---
-
-
-def run_dirs_below(path: str) -> list[Path]:
-    """`path` itself when it is a run directory, else every run directory below it: each folder
-    holding a manifest.json or shards (a run whose manifest was lost is still a run)."""
-    from gradproj import store
-
-    root = Path(path)
-    if (root / store.MANIFEST).is_file() or store.shard_files(root) or not root.is_dir():
-        return [root]
-    found = {p.parent for p in root.rglob(store.MANIFEST)}
-    found |= {p.parent for p in root.rglob("*.safetensors") if store.shard_span(p)}
-    return sorted(found) or [root]
-
-
-def verify_run(path: str) -> int:
-    """Print complete, missing and corrupt shards of a run (or of every run below `path`);
-    exit status 0 only when every run is complete (`store.VerifyReport.ok`)."""
-    from gradproj import store
-    from gradproj.errors import UserError
-
-    status = 0
-    for run_path in run_dirs_below(path):
-        try:
-            status |= _verify_one(run_path)
-        except UserError as err:  # a run whose manifest is lost or damaged: say so, go on
-            if not store.shard_files(run_path):
-                raise
-            print(f"{run_path}: INCOMPLETE: {err}")
-            status = 1
-    return status
-
-
-def _verify_one(path: Path) -> int:
-    from gradproj import store
-
-    run = store.Run(path)
-    report = run.verify()
-    for name in report.missing:
-        print(f"missing: {path / name}")
-    for name, problem in report.corrupt.items():
-        print(f"corrupt: {path / name} ({problem})")
-    if not report.ok:
-        print(f"{path}: INCOMPLETE: {report.summary()}; {report.advice(path)}")
-        return 1
-    print(
-        f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
-        f"gradient(s), {len(run.manifest['skipped'])} skipped{_coverage(run.manifest)}"
-    )
-    return 0
-
-
-def _coverage(manifest: dict) -> str:
-    """Which rows of its split a run holds, and how many it never read (`--limit`, a slice);
-    the split's size is known when its dataset is a local path from here."""
-    indices = [e["index"] for e in [*manifest["examples"], *manifest["skipped"]]]
-    if not indices:
-        return ""
-    first, last = min(indices), max(indices)
-    total = _split_rows(manifest.get("dataset"), manifest.get("split"))
-    limit = (manifest.get("options") or {}).get("limit")
-    text = f"; covers examples {first}-{last}" + (f" of {total}" if total else "")
-    text += f" of split {manifest.get('split')!r}" + (f" (--limit {limit})" if limit else "")
-    unread = total - (last - first + 1) if total else 0
-    return text + (f": the other {unread} were never read" if unread > 0 else "")
-
-
-def _split_rows(dataset: str | None, split: str | None) -> int | None:
-    from gradproj import data
-
-    if not dataset or not split or not Path(dataset).exists():
-        return None
-    try:
-        return len(data.load_rows(dataset, data.split_name(split))[0])
-    except Exception:  # unreadable here: the coverage is then said without the split's size
-        return None
-
-
-def merge_run(path: str) -> int:
-    """Rebuild manifest.json from the shards present (after job-array tasks, or when it was lost
-    or damaged), of a run or of every run below `path`; every shard is checked."""
-    from gradproj import store
-
-    status = 0
-    for run_path in run_dirs_below(path):
-        problem = store.manifest_problem(run_path)
-        if problem is None:
-            manifest = store.Run(run_path).manifest
-            header = {k: v for k, v in manifest.items() if k not in store.DERIVED_FIELDS}
-            n_examples = manifest["n_examples"]
-        else:
-            header, n_examples = store.header_from_shards(run_path)
-            print(f"{run_path} {problem}: rebuilding it from the metadata of its shards")
-        store.merge_manifest(run_path, header, n_examples, header["shard_size"], {}, check=True)
-        status |= _verify_one(run_path)
-    return status
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,13 +288,15 @@ def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from gradproj import store
 
-    return verify_run(args.run_dir)
+    return store.verify_run(args.run_dir)
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from gradproj import store
 
-    return merge_run(args.run_dir)
+    return store.merge_run(args.run_dir)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gradproj import store
+from gradproj import fsio, store
 from gradproj.errors import UserError
 
 CURVATURE_FORMAT = "gradproj-curvature/2"  # 2: a content checksum; the train shards' hash
@@ -167,7 +167,7 @@ def compute_gram(run: store.Run, device: str) -> Curvature:
 
 
 def _stored_vectors(run: store.Run, blocks: BlockLayout, device: str):
-    for shard in store.iter_blocks(run, SUM_BYTES):
+    for shard in store.iter_shard_chunks(run, SUM_BYTES):
         yield shard.vectors.to(device).to(COMPUTE).reshape(-1, blocks.count, blocks.k)
 
 
@@ -238,16 +238,16 @@ def save(curvature: Curvature, path: Path) -> None:
         "kind": curvature.kind,
         "modules": list(curvature.blocks.names),
         "block_dim": curvature.blocks.k,
-        "content_sha256": store.content_sha256(tensors),
+        "content_sha256": fsio.content_sha256(tensors),
         **curvature.info,
     }
-    store.write_safetensors(tensors, path, info)
+    fsio.write_safetensors(tensors, path, info)
 
 
 def load(path: Path) -> Curvature:
     try:
         with safe_open(str(path), framework="pt") as f:
-            info = store.read_metadata(f)
+            info = fsio.read_metadata(f)
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as err:
         raise UserError(f"--curvature {path} is not a curvature file ({err}); delete it") from None
@@ -256,7 +256,7 @@ def load(path: Path) -> Curvature:
             f"--curvature {path} has format {info.get('format')!r}, not {CURVATURE_FORMAT}; "
             "delete it to recompute it"
         )
-    if store.content_sha256(tensors) != info.pop("content_sha256", None):
+    if fsio.content_sha256(tensors) != info.pop("content_sha256", None):
         raise UserError(
             f"--curvature {path} is damaged: its tensors do not match the checksum it records; "
             "delete it, and the next scoring recomputes it"
@@ -289,7 +289,7 @@ def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curva
     there. kfac's factors come from the model, which scoring does not read: they must have
     been stored by the factor pass (`gradproj score` runs it first)."""
     check_supported(run)
-    store.check_output(path, "--curvature")
+    fsio.check_output(path, "--curvature")
     if stored(path):
         curvature = load(path)
         check_belongs(curvature, kind, run, path)
@@ -299,7 +299,7 @@ def load_or_compute(kind: str, run: store.Run, path: Path, device: str) -> Curva
             f"--curvature {path}: no current kfac factors of {run.path}; they come from the "
             "model: run gradproj score --precondition kfac on the run, which computes them"
         )
-    check_writable(path)
+    check_file_writable(path)
     curvature = compute_gram(run, device)
     save(curvature, path)
     return curvature
@@ -319,25 +319,15 @@ def older_format(path: Path) -> bool:
     recomputes), as opposed to the current one or a file that is not ours (refused by `load`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            found = store.read_metadata(f).get("format", "")
+            found = fsio.read_metadata(f).get("format", "")
     except Exception:
         return False
     prefix = CURVATURE_FORMAT.split("/")[0] + "/"
     return isinstance(found, str) and found.startswith(prefix) and found != CURVATURE_FORMAT
 
 
-def check_writable(path: Path) -> None:
-    """Fail before computing when the factorization could not be stored."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"cannot write the curvature file {path} ({err.strerror}); choose a writable "
-            "--curvature path"
-        ) from None
+def check_file_writable(path: Path) -> None:
+    fsio.check_writable(path.parent, f"the curvature file {path}", "--curvature path")
 
 
 def default_path(train_run: Path, kind: str) -> Path:
@@ -351,7 +341,7 @@ def check_options(damping: float, path: str | None) -> None:
     """Refuse, before any work, a --damping outside [MIN_DAMPING, MAX_DAMPING] (inf and NaN
     too) and a --curvature path that a write would replace though not a regular file."""
     if path is not None:
-        store.check_output(path, "--curvature")
+        fsio.check_output(path, "--curvature")
     if not MIN_DAMPING <= damping <= MAX_DAMPING:
         raise UserError(
             f"--damping {damping:g}: use a value from {MIN_DAMPING:g} to {MAX_DAMPING:g}, a "

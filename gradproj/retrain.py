@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from gradproj import data, store, truth
+from gradproj import data, fsio, truth
 from gradproj.errors import UserError
 from gradproj.gradients import pad_batch, per_example_mean_loss
 from gradproj.options import option
@@ -115,7 +115,7 @@ class RetrainConfig:
                 raise UserError(message)
         if self.output.suffix != ".safetensors":
             raise UserError(f"--output {self.output}: name a .safetensors file")
-        store.check_output(self.output, "--output")
+        fsio.check_output(self.output, "--output")
         folder = next(p for p in self.output.absolute().parents if p.exists())
         if not folder.is_dir():  # its lock and parts go beside it
             raise UserError(f"--output {self.output}: {folder} is not a directory")
@@ -204,10 +204,10 @@ def cache_prefix_states(model, examples: list[data.Example], first: int) -> list
 
 
 def claim(parts: Path, part: str, wait: bool = True):
-    """This process's claim on computing one part (a `store.file_lock` in `parts/.locks/`):
+    """This process's claim on computing one part (a `fsio.file_lock` in `parts/.locks/`):
     processes sharing the parts split the subsets, and wait for the prefix states and the base
     losses rather than repeat them."""
-    return store.file_lock(parts / CLAIMS / f"{part}.lock", wait=wait)
+    return fsio.file_lock(parts / CLAIMS / f"{part}.lock", wait=wait)
 
 
 def cached_prefix_states(model, train, test, first: int, parts: Path, record: dict):
@@ -220,10 +220,10 @@ def cached_prefix_states(model, train, test, first: int, parts: Path, record: di
             tensors = {f"{side}/{i}": state for side, group in zip(("train", "test"), states,
                                                                    strict=True)
                        for i, state in enumerate(group)}  # fmt: skip
-            store.write_safetensors(tensors, path, {"format": truth.TRUTH_FORMAT, **record})
+            fsio.write_safetensors(tensors, path, {"format": truth.TRUTH_FORMAT, **record})
             return states
     with safe_open(str(path), "pt") as f:
-        difference = truth.data_difference(store.read_metadata(f), record)
+        difference = truth.data_difference(fsio.read_metadata(f), record)
         if difference:
             raise UserError(
                 f"{path} holds the prefix states of other examples ({difference}); remove "
@@ -375,8 +375,8 @@ def make_parts(parts: Path, settings: dict) -> None:
     """A new parts directory, made whole by one rename: whoever finds it finds its settings."""
     new = Path(tempfile.mkdtemp(dir=parts.parent, prefix=f".{parts.name}.new-"))
     try:
-        store.honour_umask(new, directory=True)  # mkdtemp makes 0700
-        store.atomic_write_json(new / SETTINGS_FILE, settings)
+        fsio.honour_umask(new, directory=True)  # mkdtemp makes 0700
+        fsio.atomic_write_json(new / SETTINGS_FILE, settings)
         os.rename(new, parts)
     except OSError:
         if not parts.is_dir():  # else another process made it first: it is joined
@@ -448,11 +448,11 @@ def _retrain(cfg: RetrainConfig) -> Path:
     }
     began = time.time()
     lock = cfg.output.with_name(f".{cfg.output.name}.lock")
-    with store.file_lock(lock, shared=True):  # shared by the processes working on the output
+    with fsio.file_lock(lock, shared=True):  # shared by the processes working on the output
         if finished(cfg, record):  # assembled meanwhile
             return cfg.output
         compute_parts(cfg, model, train, test, record, description)
-    with store.file_lock(lock):  # once no process works on the parts: they are complete
+    with fsio.file_lock(lock):  # once no process works on the parts: they are complete
         if finished(cfg, record):  # another process sharing the parts assembled them
             return cfg.output
         assemble(parts_dir(cfg.output), cfg.output, cfg.n_subsets, info)
@@ -497,7 +497,7 @@ def run_subsets(
         if not (parts / BASE_PART).is_file():
             base = evaluate(model, test_states, test)
             check_finite(base, test, "before fine-tuning", "the model gives it no finite loss")
-            store.write_safetensors(
+            fsio.write_safetensors(
                 {"losses": base}, parts / BASE_PART, {"format": truth.TRUTH_FORMAT}
             )
     print(f"frozen prefix cached in {time.time() - began:.0f} s", file=sys.stderr)
@@ -517,7 +517,7 @@ def run_subsets(
                 check_finite(losses, test, f"after fine-tuning on subset {s}",
                              f"the training diverged; lower --lr (now {cfg.lr:g})")  # fmt: skip
                 tensors = {"mask": torch.from_numpy(mask), "losses": losses}
-                store.write_safetensors(
+                fsio.write_safetensors(
                     tensors, parts / part_name(s), {"format": truth.TRUTH_FORMAT}
                 )
                 progress.set_postfix(s_per_subset=f"{time.time() - t0:.0f}")

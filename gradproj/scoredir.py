@@ -3,21 +3,16 @@
 A score directory holds `scores.safetensors` (one `[n_test, n_train]` matrix per function and one
 metadata key), `topk.jsonl`, `summary.json` and, when mapped, `mapped/`. `gradproj.influence`
 computes what goes in; this module names the files, writes them (into a staging directory that
-`replace_dir` swaps in whole) and reads them back, refusing a format version it does not know.
+`fsio.replace_dir` swaps in whole, under `exclusive_output`) and reads them back, refusing a
+format version it does not know.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
-import os
-import shutil
-import signal
-import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from safetensors import safe_open
 
-from gradproj import __version__, store
+from gradproj import __version__, fsio
 from gradproj.curvature import DEFAULT_DAMPING
-from gradproj.errors import Terminated, UserError
+from gradproj.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +55,7 @@ def write_scores(
         "test_run": str(test_run.resolve()),
     }
     tensors = {name: m.contiguous() for name, m in matrices.items()}
-    store.write_safetensors(tensors, folder / SCORES_FILE, info)
+    fsio.write_safetensors(tensors, folder / SCORES_FILE, info)
 
 
 def topk_lines(
@@ -85,12 +80,12 @@ def topk_lines(
 
 
 def write_topk(folder: Path, lines: Iterable[str]) -> None:
-    store.atomic_write_bytes(folder / TOPK_FILE, "".join(line + "\n" for line in lines).encode())
+    fsio.atomic_write_bytes(folder / TOPK_FILE, "".join(line + "\n" for line in lines).encode())
 
 
 def write_summary(folder: Path, summary: dict) -> None:
     """summary.json: the format version first, then `summary`."""
-    store.atomic_write_json(folder / SUMMARY_FILE, {"format": SCORES_FORMAT, **summary})
+    fsio.atomic_write_json(folder / SUMMARY_FILE, {"format": SCORES_FORMAT, **summary})
 
 
 def mapped_json(entries: Iterable[tuple[float, str]]) -> str:
@@ -107,7 +102,7 @@ def write_mapped(
 ) -> None:
     """mapped/<test row>.json, or mapped/<func>/<test row>.json when `several` functions."""
     root = folder / MAPPED_DIR / func if several else folder / MAPPED_DIR
-    store.atomic_write_bytes(root / f"{test_index}.json", mapped_json(entries).encode())
+    fsio.atomic_write_bytes(root / f"{test_index}.json", mapped_json(entries).encode())
 
 
 # --- Replacing a score directory whole ---
@@ -115,7 +110,7 @@ def write_mapped(
 
 def check_replaceable(out: Path) -> None:
     """A score directory is replaced whole: refuse one that holds anything but a scoring."""
-    store.check_output(out, "--output", directory=True)
+    fsio.check_output(out, "--output", directory=True)
     if out.is_dir() and any(out.iterdir()) and not is_score_dir(out):
         raise UserError(
             f"--output {out} holds files that are not the output of gradproj score "
@@ -135,111 +130,22 @@ def is_score_dir(path: Path) -> bool:
 def exclusive_output(out: Path) -> Iterator[None]:
     """Hold the one writer's lock of the score directory `out`, or fail at once.
 
-    The lock is an flock on `.<name>.lock` beside `out` (kept, as deleting a lock file another
-    process has open would let two processes hold "the same" lock); it dies with its holder, so
+    The lock is a `fsio.file_lock` on `.<name>.lock` beside `out`; it dies with its holder, so
     a killed scoring never blocks the next. While it is held, SIGTERM unwinds like Ctrl-C (the
-    staging directory is removed) and any staging directory beside `out` belongs to a dead
-    process, so it is removed; a swap interrupted between its two renames is undone.
+    staging directory of `fsio.replace_dir` is removed) and any staging directory beside `out`
+    belongs to a dead process, so it is removed; a swap interrupted between its two renames is
+    undone.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with fsio.file_lock(lock, wait=False) as held:
+        if not held:
             raise UserError(
                 f"another scoring is writing --output {out} (it holds {lock}); wait for it to "
                 "finish, or give another --output"
-            ) from None
-        _remove_dead_leftovers(out)
-        with _sigterm_unwinds():
+            )
+        fsio.remove_dead_leftovers(out, is_score_dir)
+        with fsio.sigterm_unwinds():
             yield
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    def stop(signum, frame):
-        if _held:  # delivered to another thread while the main thread holds it: wait
-            _deferred.append(signum)
-            return
-        raise Terminated(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _remove_dead_leftovers(out: Path) -> None:
-    """Under the output's lock: staging and old directories beside `out` are a dead writer's.
-    One killed between its two renames left the previous scoring as `.old-*` and no `out`:
-    that previous scoring is put back."""
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
-    if not out.exists() and olds and is_score_dir(olds[-1]):
-        os.rename(olds.pop(), out)
-    for leftover in [*out.parent.glob(f".{out.name}.staging-*"), *olds]:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def replace_dir(out: Path, build: Callable[[Path], None]) -> None:
-    """Run `build(staging)` in a new directory beside `out`, then swap it in for `out`.
-
-    Readers see the old scoring or the new one, never a mix. Call it under
-    `exclusive_output(out)`. An error, Ctrl-C or SIGTERM removes the staging directory; a
-    process killed (SIGKILL) leaves `.<name>.staging-*` (or between the two renames
-    `.<name>.old-*`), which the next scoring into `out` cleans up.
-    """
-    staging = None
-    try:
-        with _signals_held():  # a signal right after mkdtemp would leave it unnamed here
-            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
-        store.honour_umask(staging, directory=True)  # mkdtemp makes 0700
-        build(staging)
-        with _signals_held():  # between the renames, a signal would leave neither scoring
-            _swap(staging, out)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-# While the main thread holds the signals (below), a SIGTERM sent to the process can still be
-# delivered to another thread (torch's, tqdm's), whose handler call then runs in the main
-# thread at once: the handler of `_sigterm_unwinds` defers it to the end of the held steps.
-_held = False
-_deferred: list[int] = []
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT wait (are delivered on leaving) while a few steps must not be cut."""
-    global _held
-    outer = _held
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    _held = True
-    try:
-        yield
-    finally:
-        _held = outer
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if not outer and _deferred:
-        signum = _deferred[0]
-        _deferred.clear()
-        raise Terminated(signum)
-
-
-def _swap(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = out.parent / f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-    os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old)
 
 
 # --- Reading ---
@@ -362,7 +268,7 @@ def load_score_dir(path: str | Path) -> ScoreDir:
             )
     summary = read_summary(path)
     with safe_open(str(scores_path), framework="np") as f:
-        metadata = store.read_metadata(f)
+        metadata = fsio.read_metadata(f)
         _check_format(path, SCORES_FILE, metadata)
         scores = {name: f.get_tensor(name) for name in FUNCTIONS if name in f.keys()}  # noqa: SIM118
     if not scores:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from gradproj import data, store
+from gradproj import data, fsio
 from gradproj.errors import UserError
 
 TRUTH_FORMAT = "gradproj-retrain/1"
@@ -45,7 +45,7 @@ def write_ground_truth(
     """The file from each subset's mask and test losses (in subset order) and the base losses;
     `info` is its metadata, less the format, which this module owns."""
     tensors = {"masks": torch.stack(masks), "losses": torch.stack(losses), "base_losses": base}
-    store.write_safetensors(tensors, path, {"format": TRUTH_FORMAT, **info})
+    fsio.write_safetensors(tensors, path, {"format": TRUTH_FORMAT, **info})
 
 
 def load_ground_truth(path: str | Path) -> GroundTruth:
@@ -55,7 +55,7 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     what = f"{path} is not a gradproj ground-truth file"
     try:
         with safe_open(str(path), "pt") as f:
-            info = store.read_metadata(f)
+            info = fsio.read_metadata(f)
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except Exception as err:  # truncated, or not safetensors at all
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradproj import curvature, store
+from gradproj import curvature, fsio, store
 from gradproj.cli import extract_main
 from gradproj.cli import score_main as main
 from gradproj.extract.factors import write_kfac_factors
@@ -140,7 +140,7 @@ def test_reused_factorization_gives_the_bytes_of_a_recomputed_one(tmp_path):
         a = (tmp_path / "first" / "scores.safetensors").read_bytes()
         assert (tmp_path / name / "scores.safetensors").read_bytes() == a, name
     summary = json.loads((tmp_path / "first" / "summary.json").read_text())
-    assert summary["preconditioner"]["curvature_sha256"] == store.file_sha256(stored)
+    assert summary["preconditioner"]["curvature_sha256"] == fsio.file_sha256(stored)
     assert summary["options"]["precondition"] == "gram"
 
 
@@ -154,9 +154,9 @@ def test_a_factorization_of_an_older_format_is_recomputed_with_a_warning(tmp_pat
     score(train, test, tmp_path / "first")
     fresh = stored.read_bytes()
     with safe_open(str(stored), framework="pt") as f:
-        info = store.read_metadata(f) | {"format": "gradproj-curvature/1"}
+        info = fsio.read_metadata(f) | {"format": "gradproj-curvature/1"}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    store.write_safetensors(tensors, stored, info)
+    fsio.write_safetensors(tensors, stored, info)
     capsys.readouterr()
     score(train, test, tmp_path / "again")
     assert "was written by an older gradproj: recomputing it" in capsys.readouterr().err
@@ -479,7 +479,7 @@ def test_kfac_refuses_a_train_dataset_edited_since_the_extraction(params_runs, t
 def test_kfac_after_merge_equals_kfac_before_it(params_runs, tmp_path, capsys):
     """A manifest rebuilt by merge keeps the run's own kfac file valid (the same scores); one
     rebuilt from the shards lacks the options that recomputing it needs, and kfac says so."""
-    from gradproj.cli import merge_run
+    from gradproj.store import merge_run
 
     train = shutil.copytree(params_runs["train"], tmp_path / "train")
     argv = ["--train", str(train), "--test", str(params_runs["test"]), "--precondition", "kfac"]

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gradproj import models, scoredir, store
+from gradproj import fsio, models, scoredir, store
 from gradproj.cli import extract_main, score_main
 from gradproj.errors import run_cli
 from tests.conftest import REPO
@@ -107,7 +107,7 @@ class ReadOnly:
                 self.refuse(path)
             return real_os_open(path, flags, *args, **kwargs)
 
-        real_save = store.save_file
+        real_save = fsio.save_file
 
         def guarded_save(tensors, path, *args, **kwargs):
             self.refuse(path)
@@ -118,7 +118,7 @@ class ReadOnly:
         monkeypatch.setattr(os, "open", guarded_os_open)
         for name in ("mkdir", "replace", "rename", "unlink", "rmdir", "chmod"):
             monkeypatch.setattr(os, name, self.guard(getattr(os, name)))
-        monkeypatch.setattr(store, "save_file", guarded_save)
+        monkeypatch.setattr(fsio, "save_file", guarded_save)
 
     def refuse(self, path):
         if str(os.path.abspath(path)).startswith(self.root):
@@ -169,7 +169,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
     argv = extract_argv(tiny_llama, sft_file, tmp_path / "ref")
     assert extract_main(argv) == 0
     reference = run_contents(full_run(tmp_path / "ref", tiny_llama, sft_file))
-    real_save, calls = store.save_file, []
+    real_save, calls = fsio.save_file, []
 
     def full_disk(tensors, path, metadata=None):
         calls.append(path)
@@ -179,7 +179,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(store, "save_file", full_disk)
+    monkeypatch.setattr(fsio, "save_file", full_disk)
     out = tmp_path / "g"
     code, err = cli(extract_main, extract_argv(tiny_llama, sft_file, out), capsys)
     run = full_run(out, tiny_llama, sft_file)
@@ -189,14 +189,14 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
     assert sorted(p.name for p in run.iterdir()) == [".lock", ".locks", "0_4.safetensors",
                                                      "manifest.json"]  # fmt: skip
     assert [s["file"] for s in store.Run(run).manifest["shards"]] == ["0_4.safetensors"]
-    monkeypatch.setattr(store, "save_file", real_save)
+    monkeypatch.setattr(fsio, "save_file", real_save)
     assert extract_main(extract_argv(tiny_llama, sft_file, out)) == 0
     assert run_contents(run) == reference
 
 
 def test_safetensors_io_error_becomes_the_os_error(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        store.save_safetensors({}, tmp_path / "missing" / "x.safetensors", {})
+        fsio.save_safetensors({}, tmp_path / "missing" / "x.safetensors", {})
     assert info.value.errno == errno.ENOENT
 
 
@@ -363,5 +363,5 @@ def test_influence_output_has_no_staging_left_when_build_fails(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
     with pytest.raises(OSError), scoredir.exclusive_output(out):
-        scoredir.replace_dir(out, build)
+        fsio.replace_dir(out, build)
     assert [p.name for p in tmp_path.iterdir()] == [".scores.lock"]  # the lock file is kept

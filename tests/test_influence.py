@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gradproj import influence, store
+from gradproj import fsio, influence, store
 from gradproj.cli import extract_main
 from gradproj.cli import score_main as main
 from tests.conftest import REPO, conversations, user_error_line, write_jsonl
@@ -224,7 +224,7 @@ def test_summary_statistics_and_provenance(real_runs, tmp_path):
         described = summary[f"{role}_manifest"]
         manifest = json.loads((path / "manifest.json").read_text())
         assert all(described[k] == manifest[k] for k in ("model", "kind", "projection", "split"))
-        assert described["manifest_sha256"] == store.file_sha256(path / "manifest.json")
+        assert described["manifest_sha256"] == fsio.file_sha256(path / "manifest.json")
 
 
 def test_mapped_files_are_sorted_and_carry_the_sample_fields(real_runs, tmp_path):

@@ -267,14 +267,14 @@ def rewritten(truth_path, tmp_path, change) -> str:
     import torch
     from safetensors import safe_open
 
-    from gradproj import store
+    from gradproj import fsio
 
     with safe_open(str(truth_path), "pt") as f:
-        info = json.loads(f.metadata()[store.METADATA_KEY])
+        info = json.loads(f.metadata()[fsio.METADATA_KEY])
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     change(tensors, info)
     out = tmp_path / "changed.safetensors"
-    store.write_safetensors({k: torch.as_tensor(v) for k, v in tensors.items()}, out, info)
+    fsio.write_safetensors({k: torch.as_tensor(v) for k, v in tensors.items()}, out, info)
     return str(out)
 
 

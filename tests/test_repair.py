@@ -60,7 +60,7 @@ def flip_metadata_byte(shard):
 def test_each_shard_records_the_identity_of_its_run(made, tmp_path):
     manifest = store.Run(made["run"]).manifest
     identity = manifest["identity_sha256"]
-    assert identity == store.identity_sha256(manifest["identity"] | {"output": "rademacher_16"})
+    assert identity == store.options_sha256(manifest["identity"] | {"output": "rademacher_16"})
     for shard in store.shard_files(made["run"]):
         run = store.read_shard_metadata(shard)["run"]
         assert run["identity_sha256"] == identity

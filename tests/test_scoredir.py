@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gradproj import __version__, scoredir, store
+from gradproj import __version__, fsio, scoredir
 from gradproj.cli import compare_main
 from gradproj.errors import Terminated, UserError
 from tests.conftest import user_error_line
@@ -50,7 +50,7 @@ def set_summary_format(path, value):
 def set_scores_format(path, value):
     file = path / scoredir.SCORES_FILE
     with safe_open(str(file), framework="pt") as f:
-        info = store.read_metadata(f)
+        info = fsio.read_metadata(f)
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     save_file(tensors, str(file), metadata={"gradproj": json.dumps(info | {"format": value})})
 
@@ -110,7 +110,7 @@ def test_a_live_scorings_staging_is_never_removed(scored, tmp_path):
         (folder / scoredir.SUMMARY_FILE).write_text(json.dumps({"format": scoredir.SCORES_FORMAT}))
 
     with scoredir.exclusive_output(scored):
-        scoredir.replace_dir(scored, build)
+        fsio.replace_dir(scored, build)
     assert seen == {"staging still there": True}
     assert (scored / "topk.jsonl").read_text() == "being written"
 
@@ -139,7 +139,7 @@ def test_a_signal_during_scoring_removes_its_staging(scored, tmp_path, signum):
 
     expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     with pytest.raises(expected), scoredir.exclusive_output(scored):
-        scoredir.replace_dir(scored, build)
+        fsio.replace_dir(scored, build)
     assert signal.getsignal(signal.SIGTERM) == handler  # the handler is put back
     assert tree_bytes(scored) == before
     assert [p.name for p in scored.parent.iterdir() if ".staging-" in p.name] == []

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradproj import scoredir
+from gradproj import fsio, scoredir
 
 PROVENANCE_FIELDS = (
     "model", "checkpoint", "checkpoint_nr", "dataset", "split", "mode", "max_seq_length",
@@ -121,7 +121,7 @@ def write_peer_score_dir(
 
     out = Path(out)
     with scoredir.exclusive_output(out):
-        scoredir.replace_dir(out, build)
+        fsio.replace_dir(out, build)
     return out
 
 

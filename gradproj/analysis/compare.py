@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from gradproj import __version__, store
+from gradproj import __version__, fsio, store
 from gradproj.analysis.metrics import TOP_KS, agreement_metrics
 from gradproj.analysis.original import AblationRow, run_ablation
 from gradproj.analysis.retrieval import SOURCE_FIELD, retrieval_table
@@ -108,7 +108,7 @@ class CompareConfig:
             raise UserError("--reference and --candidates must be distinct directories")
         if self.output.resolve() in resolved:
             raise UserError(f"--output {self.output} is an input directory; choose another")
-        store.check_output(self.output, "--output", directory=True)
+        fsio.check_output(self.output, "--output", directory=True)
         for name in ("n_permutations", "n_bootstrap"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")
@@ -411,7 +411,7 @@ def ablation_inputs(reference: ScoreDir, candidates: list[ScoreDir], config: Com
 
 def _manifest_sha256(run: Path) -> str | None:
     manifest = Path(run) / store.MANIFEST
-    return store.file_sha256(manifest) if manifest.is_file() else None
+    return fsio.file_sha256(manifest) if manifest.is_file() else None
 
 
 def cached_ablation(
@@ -535,7 +535,7 @@ def compare_projections(config: CompareConfig) -> Comparison:
         (config.output / ABLATION_INPUTS).unlink(missing_ok=True)
         step("tables, figures, report", write_outputs, comparison, config.output)
         if inputs is not None:
-            store.atomic_write_json(config.output / ABLATION_INPUTS, inputs)
+            fsio.atomic_write_json(config.output / ABLATION_INPUTS, inputs)
     comparison.explanations = explanations_page(comparison, config)
     return comparison
 

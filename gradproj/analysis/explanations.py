@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gradproj import store
+from gradproj import fsio
 from gradproj.analysis.report import HEADLINE_METRICS
 from gradproj.analysis.retrieval import SOURCE_FIELD, dataset_rows, method_label, source_ids
 from gradproj.errors import UserError
@@ -168,5 +168,5 @@ def write_explanations(
 ) -> Path:
     """Write `output`/explanations.html (atomically) and return its path."""
     page = Path(output) / PAGE
-    store.atomic_write_bytes(page, render(page_data(paths, metrics, source_field, lds)).encode())
+    fsio.atomic_write_bytes(page, render(page_data(paths, metrics, source_field, lds)).encode())
     return page

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gradproj import curvature, data, gradients, models, store
+from gradproj import curvature, data, fsio, gradients, models, store
 from gradproj.errors import UserError
 from gradproj.targets.params import Layer, layer_projection
 
@@ -32,8 +32,8 @@ def write_kfac_factors(run: store.Run, path: Path, device: str) -> None:
     """Compute the run's kfac factors and store them at `path` (docs/formats.md, "Curvature
     file"); every check that can fail is made before the model loads."""
     curvature.check_supported(run)
-    store.check_output(path, "--curvature")
-    curvature.check_writable(path)
+    fsio.check_output(path, "--curvature")
+    curvature.check_file_writable(path)
     curvature.save(compute_kfac(run, device), path)
 
 

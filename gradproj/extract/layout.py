@@ -82,7 +82,7 @@ def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
 def shards_identity(path: Path, identity: dict) -> dict:
     """The identity the shards of a run without a readable manifest record: `identity` when
     they agree with it, else that of the first one that does not."""
-    expected = store.identity_sha256(identity)
+    expected = store.options_sha256(identity)
     for shard in store.shard_files(path):
         try:
             run = store.read_shard_metadata(shard).get("run") or {}

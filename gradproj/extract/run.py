@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from gradproj import data, models, store
+from gradproj import data, fsio, models, store
 from gradproj.errors import UserError
 from gradproj.extract.config import SAVE_DTYPES, ExtractConfig
 from gradproj.extract.layout import check_existing, is_complete, run_dirs
@@ -43,7 +43,7 @@ def run_extraction(cfg: ExtractConfig) -> int:
         return 0
     data.check_invalid_rows(rows, first_row, where, cfg.paradigm, cfg.skip_invalid_rows)
     for path in dirs.values():
-        store.check_writable(path)
+        fsio.check_writable(path, f"the output directory {path}", "--gradients_output_path")
     if cfg.mode == "store_mean":
         if cfg.start is not None or cfg.end is not None:
             raise UserError("--mode store_mean averages the whole dataset: drop --start/--end")
@@ -116,7 +116,7 @@ class Extractor:
         common = {
             "target": target,
             "identity": identity,
-            "identity_sha256": store.identity_sha256(identity | {"output": spec.name}),
+            "identity_sha256": store.options_sha256(identity | {"output": spec.name}),
         }
         return self.header | common | self.targets[target].header(spec)
 

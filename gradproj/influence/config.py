@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from gradproj import curvature, store
+from gradproj import curvature, fsio
 from gradproj.options import check_choices, device_option, option, require, resolve_device
 from gradproj.scoredir import FUNCTIONS
 
@@ -103,4 +103,4 @@ class ScoreConfig(ScoringOptions):
         )
         self.check_scoring_options()
         if self.output is not None:  # before the lock file beside it is made
-            store.check_output(self.output, "--output", directory=True)
+            fsio.check_output(self.output, "--output", directory=True)

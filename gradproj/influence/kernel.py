@@ -7,7 +7,7 @@ norms, themselves computed in fp64 from the stored values. With `precision="fp32
 rounded once to fp32 at the end; `precision="fp64"` keeps the fp64 values (a reference).
 
 Streaming. The test set is held on the device (in blocks if it does not fit half the memory
-budget); the train set is read block by block through `store.iter_blocks`, never whole, so the
+budget); the train set is read block by block through `store.iter_shard_chunks`, never whole, so the
 working memory is bounded by the block size. The score matrix itself, `n_test x n_train` per
 function, is the output and is held in host memory.
 
@@ -184,12 +184,12 @@ class Scorer:
         test_norms = torch.empty(n_test, dtype=COMPUTE)
         train_meta, test_meta, blocks = ([], []), ([], []), {"test": 0, "train": 0}
         row = 0
-        for test_shard in store.iter_blocks(self.test, self.plan.test_bytes):
+        for test_shard in store.iter_shard_chunks(self.test, self.plan.test_bytes):
             test_block = self.block(test_shard, "test")
             test_norms[row : row + len(test_block)] = test_block.norms.cpu()
             _extend(test_meta, test_block)
             col = 0
-            for train_shard in store.iter_blocks(self.train, self.plan.train_bytes):
+            for train_shard in store.iter_shard_chunks(self.train, self.plan.train_bytes):
                 train_block = self.block(train_shard, "train")
                 if blocks["test"] == 0:
                     train_norms[col : col + len(train_block)] = train_block.norms.cpu()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj import __version__, scoredir, store
+from gradproj import __version__, fsio, scoredir, store
 from gradproj.errors import UserError, check_unique_ids
 from gradproj.influence.config import ScoreConfig
 from gradproj.influence.kernel import Scores, Scoring
@@ -126,7 +126,7 @@ def manifest_summary(run: store.Run) -> dict:
     and skipped), so that `gradproj compare` can tell scorings of other examples apart."""
     described = {key: run.manifest.get(key) for key in MANIFEST_FIELDS}
     return described | {
-        "manifest_sha256": store.file_sha256(run.path / store.MANIFEST),
+        "manifest_sha256": fsio.file_sha256(run.path / store.MANIFEST),
         "examples_sha256": store.examples_sha256(run.manifest),
     }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gradproj import curvature, scoredir, store
+from gradproj import curvature, fsio, scoredir, store
 from gradproj.influence.config import ScoreConfig
 from gradproj.influence.kernel import STORED_ZERO, Scorer, Scoring, topk_positions
 from gradproj.influence.mapped import write_mapped
@@ -46,7 +46,7 @@ def preconditioner(cfg: ScoreConfig, train: store.Run) -> tuple[curvature.Whiten
         "damping": cfg.damping,
         "lambda": "damping x the block's mean eigenvalue",
         "curvature_file": str(path.resolve()),
-        "curvature_sha256": store.file_sha256(path),
+        "curvature_sha256": fsio.file_sha256(path),
         "blocks": factorization.blocks.count,
         "block_dim": factorization.blocks.k,
         "bytes": whitener.nbytes,
@@ -91,5 +91,5 @@ def score_influence(cfg: ScoreConfig) -> tuple[Path, bool]:
             if cfg.mapped:
                 write_mapped(folder, cfg, scores, train)
 
-        scoredir.replace_dir(out, build)
+        fsio.replace_dir(out, build)
     return out, True
