@@ -419,7 +419,7 @@ def test_retrain_keeps_and_skips_the_examples_the_extraction_does(tiny_llama, tm
     the ground truth records it in its own words (docs/formats.md), the rest are the same
     examples, token for token."""
     dataset = write_jsonl(tmp_path / "long.jsonl", conversations(8, long_every=4))
-    cfg = config(tiny_llama, (dataset, dataset), None, max_seq_length=40)
+    cfg = config(tiny_llama, (dataset, dataset), tmp_path / "unused.safetensors", max_seq_length=40)
     tokenizer = models.load_tokenizer(models.resolve_checkpoint(cfg.model, 0))
     kept, skipped = retrain.read_examples(cfg, tokenizer, str(dataset), "train")
     rows, _ = data.load_rows(str(dataset), "train")
