@@ -2,6 +2,9 @@
 gradproj): the examples gradproj tokenized (prepare.py's data.json), the model in fp32, the
 per-example loss, the 210 decoder linear layers, and the result file the adapter reads.
 
+Each runner's command line starts from `runner_args` (OUT, threads and the peer's own options)
+and its record from `peer_info`; it runs its peer through `guarded` or `run_guarded`.
+
 A runner writes OUT/<name>/result.npz (`scores`: the peer's matrix as the peer returned it,
 `orientation`: "test_train" or "train_test") and OUT/<name>/peer.json (tool, version, method,
 settings, train and test ids in the matrix's order, one-off and scoring seconds, peak resident
@@ -11,6 +14,7 @@ could not run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -25,10 +29,39 @@ import torch
 from torch.nn import functional as F
 
 IGNORE = -100
+# --budget_s: the runners that estimate their whole run early give up past it
+BUDGET_S = {"type": float, "default": 3600, "help": "seconds the whole run may take"}
 
 
 def load_work(out: Path) -> dict:
     return json.loads((out / "data.json").read_text())
+
+
+def runner_args(
+    description: str, argv: list[str] | None, **options: dict
+) -> tuple[argparse.Namespace, Path, dict]:
+    """A runner's command line: --out (prepare.py's folder) and --threads, which every runner
+    has, then the peer's own `options` (name -> add_argument's keywords). Sets torch's threads;
+    returns the arguments, OUT and the work."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="prepare.py's folder")
+    parser.add_argument("--threads", type=int, default=2)
+    for name, keywords in options.items():
+        parser.add_argument(f"--{name}", **keywords)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    return args, out, load_work(out)
+
+
+def peer_info(tool: str, method: str, settings: dict) -> dict:
+    """The start of a peer's record: its tool (the package it installs as), version, method,
+    settings (the same dict: a runner adds to it as it learns them) and the versions around."""
+    found = versions(tool)
+    return {
+        "tool": tool, "version": found[tool], "method": method, "settings": settings,
+        "versions": found,
+    }  # fmt: skip
 
 
 class Examples(torch.utils.data.Dataset):
@@ -152,12 +185,20 @@ def write_error(folder: Path, info: dict, err: BaseException) -> None:
     (folder / "traceback.txt").write_text(traceback.format_exc())
 
 
-def run_guarded(folder: Path, info: dict, body) -> None:
-    """Run body(); on an exception, write peer.json with the error instead of a result."""
+def guarded(folder: Path, info: dict, body) -> bool:
+    """Run body(); on an exception, write peer.json with the error instead of a result and say
+    so on stderr. Whether body() finished."""
     try:
         body()
     except BaseException as err:  # noqa: BLE001 (a peer's failure is a result to report)
         write_error(folder, info, err)
         name = f"{info.get('tool')} {info.get('method')}"
         print(f"{name}: {type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+        return False
+    return True
+
+
+def run_guarded(folder: Path, info: dict, body) -> None:
+    """`guarded` for a runner with one method: its failure is the process's (exit code 3)."""
+    if not guarded(folder, info, body):
+        raise SystemExit(3)

@@ -15,7 +15,6 @@ lowers the query's loss: gradproj's 'dot' convention.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import signal
@@ -30,20 +29,10 @@ import common  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="prepare.py's folder")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget_s", type=int, default=3600)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    work = common.load_work(out)
+    args, out, work = common.runner_args(__doc__, argv, budget_s={**common.BUDGET_S, "type": int})
     folder = out / "peers" / "bergson_trackstar"
     settings = {"pipeline": "trackstar", "projection_dim": "TrackstarIndexConfig default (16)"}
-    info = {
-        "tool": "bergson", "version": common.versions("bergson")["bergson"],
-        "method": "TrackStar", "settings": settings, "versions": common.versions("bergson"),
-    }  # fmt: skip
+    info = common.peer_info("bergson", "TrackStar", settings)
 
     def body():
         from bergson.cli.trackstar import trackstar

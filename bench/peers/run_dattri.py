@@ -20,7 +20,6 @@ kronecker 16x16) instead of 4096, whose per-layer eFIM blocks (210 x 4096^2 fp32
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,27 +31,20 @@ import common  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="prepare.py's folder")
-    parser.add_argument("--proj_dim", type=int, default=256)
-    parser.add_argument("--hessian", default="eFIM", choices=["eFIM", "Identity"])
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget_s", type=float, default=3600)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    work = common.load_work(out)
+    args, out, work = common.runner_args(
+        __doc__, argv,
+        proj_dim={"type": int, "default": 256},
+        hessian={"default": "eFIM", "choices": ["eFIM", "Identity"]},
+        batch_size={"type": int, "default": 4},
+        budget_s=common.BUDGET_S,
+    )  # fmt: skip
     method = f"LoGra {args.hessian} proj {args.proj_dim}"
     folder = out / "peers" / f"dattri_logra_{args.hessian.lower()}"
     settings = {
         "proj_dim": args.proj_dim, "hessian": args.hessian, "damping": "dattri default (None)",
         "batch_size": args.batch_size, "offload": "cpu",
     }  # fmt: skip
-    info = {
-        "tool": "dattri", "version": common.versions("dattri")["dattri"], "method": method,
-        "settings": settings, "versions": common.versions("dattri"),
-    }  # fmt: skip
+    info = common.peer_info("dattri", method, settings)
 
     def body():
         from dattri.algorithm.logra import LoGraAttributor

@@ -17,7 +17,6 @@ the queries are processed in one accumulated batch (one pass over the train exam
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -31,16 +30,12 @@ import common  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="prepare.py's folder")
-    parser.add_argument("--strategies", default="identity,kfac,ekfac")
-    parser.add_argument("--low_rank", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    work = common.load_work(out)
+    args, out, work = common.runner_args(
+        __doc__, argv,
+        strategies={"default": "identity,kfac,ekfac"},
+        low_rank={"type": int, "default": 64},
+        batch_size={"type": int, "default": 4},
+    )  # fmt: skip
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -89,7 +84,6 @@ def main(argv=None) -> None:
         DataLoaderKwargs(collate_fn=lambda items: common.collate(items, pad))
     )
     train, test = common.Examples(work["train"]), common.Examples(work["test"])
-    version = common.versions("kronfluence")["kronfluence"]
     for strategy in args.strategies.split(","):
         folder = out / "peers" / f"kronfluence_{strategy}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -101,10 +95,7 @@ def main(argv=None) -> None:
             "damping_factor": "kronfluence default (None: 0.1 x mean eigenvalue)",
             "use_empirical_fisher": False,
         }
-        info = {
-            "tool": "kronfluence", "version": version, "method": strategy, "settings": settings,
-            "versions": common.versions("kronfluence"),
-        }  # fmt: skip
+        info = common.peer_info("kronfluence", strategy, settings)
         timer = common.Timer()
 
         def body(strategy=strategy, info=info, timer=timer, folder=folder):
@@ -141,11 +132,7 @@ def main(argv=None) -> None:
             common.write_result(folder, scores.numpy(), "test_train", info, work)
             print(json.dumps({"strategy": strategy, "seconds": timer.seconds}), flush=True)
 
-        try:
-            body()
-        except BaseException as err:  # noqa: BLE001
-            common.write_error(folder, info, err)
-            print(f"kronfluence {strategy}: {type(err).__name__}: {err}", file=sys.stderr)
+        common.guarded(folder, info, body)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
