@@ -147,3 +147,15 @@ def test_bench_peers_dry_run_end_to_end_on_the_tiny_model(tiny_llama, tiny_bench
             "no peer installed in bench/peers/.venv: each is listed with its reason "
             f"({'; '.join(table.error.dropna().unique())[:200]})"
         )
+
+
+def test_trak_block_size_is_the_largest_that_fits_the_memory_budget():
+    """TRAK's CPU projector holds a [grad_dim, block_size] fp32 block: SmolLM2-135M's 210
+    decoder layers (106,168,320 weights) at 8 GiB take 20 columns, not its default 100 (42.5 GB);
+    a small gradient's matrix is one block; a budget below one column is refused."""
+    block_size_within = bench_module("run_trak").block_size_within
+    assert block_size_within(106_168_320, 2048, 8.0) == 20
+    assert block_size_within(106_168_320, 2048, 100 * 106_168_320 * 4 / 2**30) == 100
+    assert block_size_within(1000, 32, 8.0) == 32
+    with pytest.raises(ValueError, match="holds no column"):
+        block_size_within(106_168_320, 2048, 0.3)
