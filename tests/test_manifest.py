@@ -74,3 +74,12 @@ def test_dataset_rows_of_another_dataset_are_refused_naming_row_and_ids(tmp_path
     assert (there if change == "reversed" else "its split 'train' has 2 rows") in message
     assert message.endswith("pass the dataset the run was extracted from with --dataset")
     assert "\n" not in message
+
+
+def test_a_manifest_that_is_no_json_object_is_refused_in_one_line(tmp_path):
+    run = golden_run(tmp_path, [])
+    (run.path / store.MANIFEST).write_text("[]")
+    with pytest.raises(UserError, match="not a JSON object; rebuild it from the metadata of its"):
+        store.Run(run.path)
+    assert store.merge_run(str(run.path)) == 0
+    assert store.Run(run.path).manifest.examples == run.manifest.examples

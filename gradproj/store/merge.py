@@ -83,7 +83,7 @@ def _recorded_entries(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         manifest = Manifest.read(path.parent)
         listed = {s["file"]: s for s in manifest.shards}
         rejected = {s["file"]: s for s in manifest.rejected if s.get("sha256")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: no object
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged, or no object
         return {}, {}
     return listed, rejected
 

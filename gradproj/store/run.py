@@ -78,9 +78,11 @@ def manifest_problem(run_dir: Path) -> str | None:
     if not path.is_file():
         return f"has no {MANIFEST}"
     try:
-        json.loads(path.read_text())
+        parsed = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"has a {MANIFEST} that is not valid JSON ({err})"
+    if not isinstance(parsed, dict):  # a `Manifest` is read from an object only
+        return f"has a {MANIFEST} that is not a JSON object"
     return None
 
 
