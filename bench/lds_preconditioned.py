@@ -135,7 +135,7 @@ def retrieval(sd, function: str) -> dict:
 
 def baselines(truth, train: Path, test: Path) -> list[dict]:
     manifests = [store.Run(p).manifest for p in (train, test)]
-    rows = [read_rows(m["dataset"], m["split"]) for m in manifests]
+    rows = [read_rows(m.dataset, m.split) for m in manifests]
     train_ids, test_ids = truth[2], truth[3]
     sides = zip(rows, (train_ids, test_ids), strict=True)
     texts = [[conversation_text(r[i]) for i in ids] for r, ids in sides]

@@ -70,9 +70,9 @@ class BlockLayout:
         return self.count * self.k
 
 
-def vector_blocks(manifest: dict, width: int) -> BlockLayout:
-    modules = manifest.get("modules") or []
-    if manifest.get("kind") == "projected" and modules and all("slice" in m for m in modules):
+def vector_blocks(manifest: store.Manifest, width: int) -> BlockLayout:
+    modules = manifest.modules
+    if manifest.kind == "projected" and modules and all("slice" in m for m in modules):
         k = modules[0]["slice"][1]
         if all(m["slice"] == [i * k, (i + 1) * k] for i, m in enumerate(modules)):
             if len(modules) * k == width:
@@ -82,18 +82,18 @@ def vector_blocks(manifest: dict, width: int) -> BlockLayout:
 
 def run_fields(run: store.Run) -> dict:
     """What a factorization must share with the train run it preconditions."""
-    manifest, projection = run.manifest, run.manifest.get("projection") or {}
+    manifest, projection = run.manifest, run.manifest.projection or {}
     return {
-        "model": manifest.get("model"),
-        "checkpoint": manifest.get("checkpoint"),
-        "target": manifest.get("target"),
-        "dataset": manifest.get("dataset"),
-        "split": manifest.get("split"),
+        "model": manifest.model,
+        "checkpoint": manifest.checkpoint,
+        "target": manifest.target,
+        "dataset": manifest.dataset,
+        "split": manifest.split,
         "projection type": projection.get("type", "full"),
         "projection dim": projection.get("dim"),
         "projection seed": projection.get("seed"),
-        "modules": [m["name"] for m in manifest.get("modules") or []],
-        "examples": len(manifest.get("examples") or []),
+        "modules": [m["name"] for m in manifest.modules],
+        "examples": len(manifest.examples),
         "train shards sha256": store.shards_sha256(manifest),
     }
 
@@ -196,11 +196,11 @@ def _kernel_eigh(run: store.Run, blocks: BlockLayout, device: str):
 
 def kronecker_dims(run: store.Run) -> tuple[int, int]:
     """(k_out, k_in) of a params kronecker run, or a UserError: kfac needs its layout."""
-    projection = run.manifest.get("projection") or {}
-    if run.manifest.get("target") != "params" or projection.get("type") != "kronecker":
+    projection = run.manifest.projection or {}
+    if run.manifest.target != "params" or projection.get("type") != "kronecker":
         raise UserError(
             f"--precondition kfac needs a params run projected by kronecker (--target params "
-            f"--proj_type kronecker); {run.path} is {run.manifest.get('target')} "
+            f"--proj_type kronecker); {run.path} is {run.manifest.target} "
             f"{projection.get('type', 'full')}: use --precondition gram"
         )
     k_out, k_in = projection["per_module"]
@@ -212,7 +212,7 @@ def kfac_factorization(run: store.Run, sums: dict[str, torch.Tensor], tokens: in
     module's summed `out` and `in` outer products over `tokens` tokens, as covariances,
     eigendecomposed."""
     k_out, k_in = kronecker_dims(run)
-    blocks = vector_blocks(run.manifest, len(run.manifest["modules"]) * k_out * k_in)
+    blocks = vector_blocks(run.manifest, len(run.manifest.modules) * k_out * k_in)
     tensors = {}
     for side, total in sums.items():
         values, vectors = torch.linalg.eigh(total / max(tokens, 1))

@@ -144,36 +144,22 @@ def parse_jsonl(text: str, where: str) -> list[dict]:
 # --- The train side: its run, its extraction options, its texts ---
 
 
-def extraction_options(train: store.Run) -> dict:
-    options = train.manifest.get("options")
-    if train.manifest.get("mode") == "store_mean":
+def train_options(train: store.Run) -> dict:
+    """The train run's extraction options, which the queries are extracted with."""
+    if train.manifest.mode == "store_mean":
         raise UserError(
             f"{train.path} holds the mean gradient of its dataset (--mode store_mean), not one "
             "per train example; give a run extracted with --mode store"
         )
-    if not isinstance(options, dict) or "model" not in options:
-        raise UserError(
-            f"{train.path}: the manifest does not record the extraction's options; "
-            "re-extract the train run with this version of gradproj"
-        )
-    return options
+    return train.extraction_options(
+        "gradproj query", "re-extract the train run with this version of gradproj"
+    )
 
 
 def train_texts(train: store.Run, dataset: str | None) -> dict[str, str]:
     """{train id: conversation text} of every example the run holds, from its dataset."""
-    dataset = dataset or train.manifest.get("dataset")
-    split = train.manifest.get("split", "train")
-    rows = data.load_split(dataset, data.split_name(split))  # indices are rows of the split
-    texts = {}
-    for example in train.manifest["examples"]:
-        i = example["index"]
-        if i >= len(rows) or data.example_id(rows[i], i) != example["id"]:
-            raise UserError(
-                f"{dataset} does not hold the train run's example {example['id']!r} at row {i}; "
-                "pass the dataset the run was extracted from with --dataset"
-            )
-        texts[example["id"]] = data.conversation_text(rows[i])
-    return texts
+    rows = train.dataset_rows(dataset)
+    return {i: data.conversation_text(row) for i, row in zip(train.ids, rows, strict=True)}
 
 
 # --- Extraction and scoring of the queries ---
@@ -184,7 +170,7 @@ def extract_queries(rows: list[dict], train: store.Run, folder: Path, device: st
     from gradproj.extract import ExtractConfig, run_extraction
     from gradproj.extract.layout import run_dir
 
-    options = extraction_options(train)
+    options = train_options(train)
     dataset = folder / "queries.jsonl"
     dataset.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     overrides = dict.fromkeys(DATASET_OPTIONS) | {
@@ -218,8 +204,7 @@ def dtype_name(dtype: str, device: str) -> str:
 
 def train_output(cfg, train: store.Run):
     """(target, output spec) of `cfg`'s pass that wrote the train run."""
-    target = train.manifest.get("target")
-    projection = train.manifest.get("projection")
+    target, projection = train.manifest.target, train.manifest.projection
     name = f"{projection['type']}_{projection['dim']}" if projection else "full"
     for spec in cfg.outputs.get(target, []):
         if spec.name == name:
@@ -328,8 +313,8 @@ def default_precondition(train: store.Run) -> str:
 
 def scoring_label(cfg: QueryConfig, train: store.Run) -> str:
     """What the scores are, as the analysis labels them (`params kronecker_16x16 · gram`)."""
-    modules = len(train.manifest.get("modules") or []) or None
-    return scoredir.scoring_label(train.manifest, modules, cfg.precondition, cfg.damping)
+    modules = len(train.manifest.modules) or None
+    return scoredir.scoring_label(train.manifest.as_dict(), modules, cfg.precondition, cfg.damping)
 
 
 def printable(text: str) -> str:
@@ -342,7 +327,7 @@ def run_query(cfg: QueryConfig) -> list[dict]:
     """Explain each query against the train run; validate everything before the model loads."""
     train = influence.open_run(cfg.train, "train")
     cfg.precondition = cfg.precondition or default_precondition(train)
-    options = extraction_options(train)
+    options = train_options(train)
     rows = read_queries(cfg, options.get("paradigm", "sft"))
     texts = train_texts(train, cfg.dataset)
     if cfg.precondition == "kfac":  # its factors come from the model, which scoring does not read

@@ -236,11 +236,12 @@ def test_unsupported_inputs_are_refused_before_computing(tmp_path, capsys, monke
 
 def test_blocks_follow_the_module_slices_or_cover_the_whole_vector():
     modules = kronecker_module_params(2, 3, ["a", "b"])["modules"]
-    manifest = {"kind": "projected", "modules": modules}
+    manifest = store.Manifest(kind="projected", modules=modules)
     assert curvature.vector_blocks(manifest, 12) == curvature.BlockLayout(("a", "b"), 6)
-    dense = {"kind": "projected", "modules": [{"name": "a"}, {"name": "b"}]}  # LESS-style
+    dense = store.Manifest(kind="projected", modules=[{"name": "a"}, {"name": "b"}])  # LESS-style
     assert curvature.vector_blocks(dense, 32) == curvature.BlockLayout(("all",), 32)
-    assert curvature.vector_blocks({"kind": "hidden"}, 8) == curvature.BlockLayout(("all",), 8)
+    hidden = store.Manifest(kind="hidden")
+    assert curvature.vector_blocks(hidden, 8) == curvature.BlockLayout(("all",), 8)
 
 
 def test_whitener_refuses_vectors_of_another_width(tmp_path):
@@ -291,7 +292,7 @@ def test_kfac_matches_solve_with_the_kronecker_product_of_the_factors(params_run
     ours = score(train, test, tmp_path / "s", "--precondition", "kfac", "--curvature",
                  str(factor_file), "--damping", "0.1")  # fmt: skip
     s_out, s_in = kfac_factors(factor_file)
-    assert len(s_out) == len(store.Run(train).manifest["modules"]) > 1
+    assert len(s_out) == len(store.Run(train).manifest.modules) > 1
     blocks = []
     for a, b in zip(s_out, s_in, strict=True):
         product = np.kron(a, b)  # row-major vec of a k_out x k_in block
@@ -319,12 +320,12 @@ def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_run
     factor_file = tmp_path / "kfac.safetensors"
     write_kfac_factors(run, factor_file, "cpu")
     s_out, s_in = kfac_factors(factor_file)
-    options = run.manifest["options"]
+    options = run.manifest.options
     checkpoint = models.resolve_checkpoint(options["model"], 0)
     tokenizer = models.load_tokenizer(checkpoint)
     model = models.load_model(checkpoint, "sft", torch.float32, "cpu")
     rows, _ = data.load_rows(options["dataset"], "train")
-    name = run.manifest["modules"][-1]["name"]
+    name = run.manifest.modules[-1]["name"]
     module = dict(model.named_modules())[name]
     projection = layer_projection(42, Layer(name, *module.weight.shape, 0), ["2x3"], "cpu")
     left, right = (f.double() for f in projection.widest_factors())
@@ -333,7 +334,7 @@ def test_kfac_factors_are_the_token_covariances_one_example_at_a_time(params_run
     taps = gradients.LinearTaps(
         [(name, module)], lambda n, x: seen.update(x=x), lambda n, d: seen.update(d=d)
     )
-    for entry in run.manifest["examples"]:
+    for entry in run.manifest.examples:
         ex = data.tokenize(tokenizer, rows[entry["index"]], entry["index"], "sft", 40)
         with taps:
             gradients.embedding_gradients(model, [ex], True)

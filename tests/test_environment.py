@@ -188,7 +188,7 @@ def test_full_disk_while_writing_a_shard_leaves_nothing_partial_and_resumes(
     assert err.splitlines()[-1].startswith(f"error: {shard}: no space left on the device; ")
     assert sorted(p.name for p in run.iterdir()) == [".lock", ".locks", "0_4.safetensors",
                                                      "manifest.json"]  # fmt: skip
-    assert [s["file"] for s in store.Run(run).manifest["shards"]] == ["0_4.safetensors"]
+    assert [s["file"] for s in store.Run(run).manifest.shards] == ["0_4.safetensors"]
     monkeypatch.setattr(fsio, "save_file", real_save)
     assert extract_main(extract_argv(tiny_llama, sft_file, out)) == 0
     assert run_contents(run) == reference
@@ -349,7 +349,7 @@ def test_two_concurrent_extractions_split_the_shards(tiny_llama, sft_file, tmp_p
     assert [p.returncode for p in procs] == [0, 0]
     computed = [int(o.split(" gradients,")[0].rsplit(" ", 1)[-1]) for o in outputs]
     manifest = store.Run(full_run(out, tiny_llama, sft_file)).manifest
-    assert sum(computed) == len(manifest["examples"])  # no example computed twice
+    assert sum(computed) == len(manifest.examples)  # no example computed twice
     run = full_run(out, tiny_llama, sft_file)
     assert run_contents(run) == reference
     print("gradients computed by each process:", computed)

@@ -27,13 +27,13 @@ def test_layout_and_manifest(tiny_llama, sft_file, tmp_path):
     for variant in ("full", "rademacher_16", "rademacher_32", "normal_16", "normal_32"):
         run = store.Run(tmp_path / variant / tiny_llama.name / "sft" / "train" / "0")
         m = run.manifest
-        assert m["complete"] and run.verify().ok
-        assert [s["file"] for s in m["shards"]] == [
+        assert m.complete and run.verify().ok
+        assert [s["file"] for s in m.shards] == [
             "0_4.safetensors", "4_8.safetensors", "8_12.safetensors", "12_13.safetensors"
         ]  # fmt: skip
-        assert {"options", "versions", "identity", "examples", "skipped"} <= set(m)
-        assert all({"id", "tokens", "label_tokens", "grad_norm"} <= set(e) for e in m["examples"])
-        assert len(m["examples"]) + len(m["skipped"]) == 13
+        assert {"options", "versions", "identity", "examples", "skipped"} <= set(m.as_dict())
+        assert all({"id", "tokens", "label_tokens", "grad_norm"} <= set(e) for e in m.examples)
+        assert len(m.examples) + len(m.skipped) == 13
 
 
 def test_shards_round_trip_with_ids(tiny_llama, sft_file, tmp_path):
@@ -42,9 +42,9 @@ def test_shards_round_trip_with_ids(tiny_llama, sft_file, tmp_path):
     full = store.Run(str(base).format("full"))
     proj = store.Run(str(base).format("rademacher_16"))
     ids, matrix = proj.load_matrix()
-    assert ids == full.ids == [e["id"] for e in full.manifest["examples"]]
+    assert ids == full.ids == [e["id"] for e in full.manifest.examples]
     assert matrix.shape == (len(ids), 16)
-    for i, entry in enumerate(full.manifest["examples"]):
+    for i, entry in enumerate(full.manifest.examples):
         dense = full.dense_vector(i)
         assert dense.shape == (MAX_LEN * 32,)
         assert dense.double().norm().item() == pytest.approx(entry["grad_norm"], rel=1e-6)
@@ -128,10 +128,10 @@ def test_store_mean_equals_mean_of_stored_vectors(tiny_llama, sft_file, tmp_path
 def test_split_slice_and_limit(tiny_llama, sft_file, tmp_path):
     extract(tiny_llama, sft_file, tmp_path, "--dataset_split", "train[2:9]", "--limit", "5")
     run = store.Run(tmp_path / "full" / tiny_llama.name / "sft" / "train_2_9" / "0")
-    assert run.manifest["n_examples"] == 5
+    assert run.manifest.n_examples == 5
     assert run.ids == ["ex_002", "ex_003", "ex_005", "ex_006"]  # ex_004 is too long
     # indices are rows of the split, as the original's dataset[i], not positions in the slice
-    assert [e["index"] for e in run.manifest["examples"]] == [2, 3, 5, 6]
+    assert [e["index"] for e in run.manifest.examples] == [2, 3, 5, 6]
     assert [s["index"] for s in run.skipped] == [4]
     index = torch.cat([shard.index for shard in run.iter_shards()])
     assert index.tolist() == [2, 3, 5, 6]
@@ -167,7 +167,7 @@ def test_pre_and_mlm_paradigms_run(tiny_llama, tiny_bert, text_file, tmp_path):
     extract(tiny_bert, text_file, tmp_path, "--paradigm", "mlm")
     for model in (tiny_llama, tiny_bert):
         run = store.Run(tmp_path / "full" / model.name / "text" / "train" / "0")
-        assert run.manifest["complete"] and len(run.ids) == 9
+        assert run.manifest.complete and len(run.ids) == 9
 
 
 def test_mlm_masking_is_deterministic_per_document_and_checkpoint(tiny_bert):
@@ -289,7 +289,7 @@ def test_several_targets_in_one_pass_write_what_separate_passes_write(
         one, apart = (tmp_path / side / variant / tiny_llama.name / "sft" / "train" / "0"
                       for side in ("one", "apart"))  # fmt: skip
         assert shard_bytes(one) == shard_bytes(apart) != {}, variant
-        manifests = [store.Run(run).manifest for run in (one, apart)]
+        manifests = [store.Run(run).manifest.as_dict() for run in (one, apart)]
         for manifest in manifests:
             manifest.pop("options")
         assert manifests[0] == manifests[1], variant

@@ -120,7 +120,7 @@ def test_skip_invalid_rows_records_each_with_its_reason(tiny_llama, tmp_path, ca
     dataset = write_messages_file(tmp_path / "bad.jsonl", bad)
     assert main(argv(tiny_llama, dataset, tmp_path / "out", "--skip_invalid_rows")) == 0
     run = store.Run(run_path(tmp_path / "out", tiny_llama, dataset))
-    assert run.manifest["complete"]
+    assert run.manifest.complete
     skipped = {s["index"]: (s["id"], s["reason"]) for s in run.skipped}
     assert skipped == {i: (f"ex_{i:03d}", f"invalid row: {BAD_ROWS[i][1]}") for i in (3, 7, 10)}
     assert len(run.ids) == 10

@@ -232,7 +232,7 @@ def test_mapped_files_are_sorted_and_carry_the_sample_fields(real_runs, tmp_path
     out = score(train, test, tmp_path / "s", "--func", "cosine", "--mapped")
     tensors, info = read_scores(out)
     rows = {r["id"]: r for r in map(json.loads, real_runs["train_file"].read_text().splitlines())}
-    test_index = [e["index"] for e in store.Run(test).manifest["examples"]]
+    test_index = [e["index"] for e in store.Run(test).manifest.examples]
     assert sorted(p.name for p in (out / "mapped").iterdir()) == sorted(
         f"{i}.json" for i in test_index
     )

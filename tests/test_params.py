@@ -168,20 +168,20 @@ def test_params_runs_record_layers_and_their_slices(tiny_llama, sft_file, tmp_pa
     base = tmp_path / "{}" / tiny_llama.name / "sft" / "train" / "0"
     kron, full = (store.Run(str(base).format(v)) for v in ("params_kronecker_2x4", "params_full"))
     assert kron.kind == "projected" and full.kind == "params_full"
-    layers = kron.manifest["modules"]
+    layers = kron.manifest.modules
     assert [la["name"] for la in layers] == [n for n, _ in linear_modules(model, MLP, False)]
     assert [la["slice"] for la in layers] == [[8 * i, 8 * i + 8] for i in range(len(layers))]
     ids, vectors = full.load_matrix()
-    assert ids == kron.ids and vectors.shape[1] == full.manifest["params_dim"]
+    assert ids == kron.ids and vectors.shape[1] == full.manifest.params_dim
     rows = data.load_split(str(sft_file), "train")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     data.ensure_chat_template(tokenizer)
     examples = [
         data.tokenize(tokenizer, rows[e["index"]], e["index"], "sft", MAX_LEN)
-        for e in full.manifest["examples"]
+        for e in full.manifest.examples
     ]
     reference = func_per_sample_grads(model, examples, [la["name"] for la in layers], pad_id)
-    for la in full.manifest["modules"]:
+    for la in full.manifest.modules:
         start, end = la["slice"]
         assert relative_error(vectors[:, start:end], reference[la["name"]].flatten(1)) < 1e-5
 

@@ -106,8 +106,8 @@ def test_dataset_lengths_are_what_the_extraction_computes(tiny_llama, sft_file, 
     run = Run(manifest.parent)
     assert run.skipped  # the long examples lose every label token at 24 tokens
     r = plan(PlanConfig(model=str(tiny_llama), dataset=str(sft_file), max_seq_length=24))
-    assert r["examples"] == len(run.manifest["examples"])
-    assert r["tokens"] == sum(e["tokens"] for e in run.manifest["examples"])
+    assert r["examples"] == len(run.manifest.examples)
+    assert r["tokens"] == sum(e["tokens"] for e in run.manifest.examples)
 
 
 def test_missing_model_shape_is_a_one_line_error(capsys):

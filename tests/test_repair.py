@@ -59,8 +59,8 @@ def flip_metadata_byte(shard):
 
 def test_each_shard_records_the_identity_of_its_run(made, tmp_path):
     manifest = store.Run(made["run"]).manifest
-    identity = manifest["identity_sha256"]
-    assert identity == store.options_sha256(manifest["identity"] | {"output": "rademacher_16"})
+    identity = manifest.identity_sha256
+    assert identity == store.options_sha256(manifest.identity | {"output": "rademacher_16"})
     for shard in store.shard_files(made["run"]):
         run = store.read_shard_metadata(shard)["run"]
         assert run["identity_sha256"] == identity
@@ -69,9 +69,7 @@ def test_each_shard_records_the_identity_of_its_run(made, tmp_path):
     argv = extract_argv(made["model"], made["dataset"], other, "--proj_seed", "7")
     assert extract_main(argv) == 0
     assert (
-        store.Run(str(made["run"]).replace(str(made["out"]), str(other))).manifest[
-            "identity_sha256"
-        ]
+        store.Run(str(made["run"]).replace(str(made["out"]), str(other))).manifest.identity_sha256
         != identity
     )
 

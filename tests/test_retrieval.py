@@ -222,7 +222,7 @@ def test_hidden_state_target_matches_the_models_own_last_hidden_state(tiny_llama
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     data.ensure_chat_template(tokenizer)
     rows = data.load_split(str(train), "train")
-    for entry, vector in zip(run.manifest["examples"], vectors, strict=True):
+    for entry, vector in zip(run.manifest.examples, vectors, strict=True):
         ex = data.tokenize(tokenizer, rows[entry["index"]], entry["index"], "sft", MAX_LEN)
         with torch.no_grad():
             out = model(torch.tensor([ex.input_ids]), output_hidden_states=True)

@@ -293,8 +293,8 @@ def test_job_stopped_by_sigterm_leaves_no_partial_shard_and_resumes(
     assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["0_1.safetensors"]
     assert store.check_shard(run_dir / "0_1.safetensors") is not None
     manifest = store.Run(run_dir).manifest
-    assert not manifest["complete"]
-    assert [s["file"] for s in manifest["shards"]] == ["0_1.safetensors"]
+    assert not manifest.complete
+    assert [s["file"] for s in manifest.shards] == ["0_1.safetensors"]
     verify = cli("--verify", run_dir)
     assert verify.returncode == 1 and "INCOMPLETE: 1 complete, 12 missing" in verify.stdout
 

@@ -114,7 +114,8 @@ def check_same_model(truth: GroundTruth, score_dir: ScoreDir) -> None:
     """The ground truth's checkpoint, max_seq_length and paradigm are the scored runs'."""
     settings = truth.info.get("settings") or {}
     manifest = score_dir.manifest
-    options = train_run_manifest(score_dir).get("options") or {}
+    run_manifest = train_run_manifest(score_dir)  # None: the run moved, its paradigm unknown
+    options = (run_manifest.options if run_manifest else None) or {}
     pairs = {
         "checkpoint": (truth.info.get("checkpoint"), manifest.get("checkpoint")),
         "max_seq_length": (settings.get("max_seq_length"), manifest.get("max_seq_length")),

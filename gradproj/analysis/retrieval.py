@@ -11,7 +11,6 @@ score directory given (any target, projection and score function), BM25 over the
 text (the `bm25s` library) and a seeded random ranking.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from gradproj.analysis.scores import align_to
 from gradproj.analysis.stats import bootstrap_ci
 from gradproj.errors import UserError
 from gradproj.scoredir import FUNCTIONS, ScoreDir, scoring_label
+from gradproj.store import Manifest, Run, manifest_problem
 
 KS = (1, 5)
 SOURCE_FIELD = "source_id"
@@ -168,18 +168,16 @@ def random_scores(n_test: int, n_train: int, seed: int) -> np.ndarray:
 def method_label(score_dir: ScoreDir) -> str:
     """`<target> <full | type_dim>`, with the number of linear modules of a params run, then its
     preconditioning (` · gram`)."""
-    layers = len(train_run_manifest(score_dir).get("modules") or []) or None
+    manifest = train_run_manifest(score_dir)
+    layers = (len(manifest.modules) if manifest else 0) or None
     return scoring_label(score_dir.manifest, layers, score_dir.precondition, score_dir.damping)
 
 
-def train_run_manifest(score_dir: ScoreDir) -> dict:
-    """The scored train run's whole manifest (the summary keeps a part), or {} when the run is
-    no longer where it was scored."""
-    manifest = Path(score_dir.summary.get("train_run", "")) / "manifest.json"
-    try:
-        return json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return {}
+def train_run_manifest(score_dir: ScoreDir) -> Manifest | None:
+    """The scored train run's whole manifest (the summary keeps a part), or None when the run
+    is no longer where it was scored."""
+    path = Path(score_dir.summary.get("train_run", ""))
+    return Run(path).manifest if manifest_problem(path) is None else None
 
 
 def retrieval_table(

@@ -20,7 +20,7 @@ def open_full_run(path: str | Path) -> Run:
 
 def grad_norms(run: Run, ids: list[str]) -> np.ndarray:
     """Per-example gradient norms from the manifest, in the order of `ids`."""
-    by_id = {e["id"]: e.get("grad_norm") for e in run.manifest["examples"]}
+    by_id = {e["id"]: e.get("grad_norm") for e in run.manifest.examples}
     missing = [i for i in ids if by_id.get(i) is None]
     if missing:
         raise UserError(f"{run.path}: no grad_norm for examples {missing[:3]} in the manifest")
@@ -44,14 +44,14 @@ def load_gradient_pair(
 ) -> GradientPair:
     """Train and test full gradients, aligned to the score matrices' ids."""
     train, test = open_full_run(train_run), open_full_run(test_run)
-    if train.manifest["max_seq_length"] != test.manifest["max_seq_length"]:
+    if train.manifest.max_seq_length != test.manifest.max_seq_length:
         raise UserError(f"{train_run} and {test_run} differ in max_seq_length")
     return GradientPair(
         train_ids=list(train_ids),
         train_rows=ragged_rows(train, train_ids),
         test_ids=list(test_ids),
         test_rows=ragged_rows(test, test_ids),
-        max_seq_length=int(train.manifest["max_seq_length"]),
+        max_seq_length=int(train.manifest.max_seq_length),
     )
 
 
@@ -60,7 +60,7 @@ def load_fp16_gradient_pair(
 ) -> GradientPair:
     """The gradients of the model run in fp16 (the original's), from runs made with --dtype fp16."""
     for path in (train_run, test_run):
-        dtype = Run(path).manifest.get("options", {}).get("dtype")
+        dtype = (Run(path).manifest.options or {}).get("dtype")
         if dtype != "fp16":
             raise UserError(
                 f"--fp16_runs {path} was extracted with --dtype {dtype}; "

@@ -43,22 +43,13 @@ def compute_kfac(run: store.Run, device: str) -> curvature.Curvature:
     token of the run's examples (x a layer's input, delta the gradient of the example's loss at
     its output, A and B the run's own projection factors)."""
     k_out, k_in = curvature.kronecker_dims(run)
-    sums, tokens = factor_sums(run, extraction_options(run), device, k_out, k_in)
+    options = run.extraction_options(
+        "--precondition kfac",
+        "give the run's kfac file computed before (--curvature), restore the extraction's "
+        "manifest, or use --precondition gram",
+    )
+    sums, tokens = factor_sums(run, options, device, k_out, k_in)
     return curvature.kfac_factorization(run, sums, tokens)
-
-
-def extraction_options(run: store.Run) -> dict:
-    """The options kfac reads the model and the dataset with: the extraction's, as its
-    manifest records them (shards do not, so a manifest rebuilt from them lacks them)."""
-    options = run.manifest.get("options")
-    if not isinstance(options, dict):
-        raise UserError(
-            f"--precondition kfac reads the model again with the extraction's options, which "
-            f"{run.path / store.MANIFEST} does not record (rebuilt by gradproj merge from the "
-            "shards, which do not carry them); give the run's kfac file computed before "
-            "(--curvature), restore the extraction's manifest, or use --precondition gram"
-        )
-    return options
 
 
 def factor_sums(run: store.Run, options: dict, device: str, k_out: int, k_in: int):
@@ -70,8 +61,8 @@ def factor_sums(run: store.Run, options: dict, device: str, k_out: int, k_in: in
     dtype = models.resolve_dtype(options["dtype"], device)
     model = models.load_model(checkpoint, options["paradigm"], dtype, device)
     named = dict(model.named_modules())
-    modules = [(m["name"], named[m["name"]]) for m in run.manifest["modules"]]
-    seed, dim = run.manifest["projection"]["seed"], run.manifest["projection"]["dim"]
+    modules = [(m["name"], named[m["name"]]) for m in run.manifest.modules]
+    seed, dim = run.manifest.projection["seed"], run.manifest.projection["dim"]
     factors = [
         layer_projection(seed, Layer(name, *module.weight.shape, 0), [dim], device).widest_factors()
         for name, module in modules
@@ -113,19 +104,19 @@ def run_examples(run: store.Run, tokenizer, options: dict) -> list[data.Example]
     token count and loss-token count the run recorded: the run holds no hash of its examples'
     text, so an edit that keeps every count is not seen."""
     dataset, paradigm = options["dataset"], options["paradigm"]
-    rows, first_row = data.load_rows(dataset, options["dataset_split"])
+    advice = "restore the extraction's dataset or re-extract the run"
+    rows = run.dataset_rows(dataset, advice)
     # invalid rows come back as None: a row the run read and cannot now is a changed dataset
     tokenization = data.Tokenization(
         tokenizer, paradigm, options["max_seq_length"], str(options["checkpoint_nr"]), True
     )
     examples = []
-    for entry in run.manifest["examples"]:
-        ex, problem = tokenization.example(rows[entry["index"] - first_row], entry["index"])
+    for entry, row in zip(run.manifest.examples, rows, strict=True):
+        ex, problem = tokenization.example(row, entry["index"])
         if ex is None:
             raise UserError(
                 f"row {entry['index']} of {dataset} is an {problem}, but the run's extraction "
-                "read it: the dataset changed since, and kfac reads it again; restore the "
-                "extraction's dataset or re-extract the run"
+                f"read it: the dataset changed since, and kfac reads it again; {advice}"
             )
         now = (ex.id, ex.length, data.label_positions(ex, paradigm))
         then = (entry["id"], entry["tokens"], entry["label_tokens"])
@@ -133,7 +124,7 @@ def run_examples(run: store.Run, tokenizer, options: dict) -> list[data.Example]
             raise UserError(
                 f"row {entry['index']} of {dataset} is {example_summary(*now)}, but the run's "
                 f"extraction read {example_summary(*then)} there: the dataset changed since, "
-                "and kfac reads it again; restore the extraction's dataset or re-extract the run"
+                f"and kfac reads it again; {advice}"
             )
         examples.append(ex)
     return examples

@@ -62,7 +62,7 @@ def check_existing(cfg: ExtractConfig, dirs: dict) -> None:
     for (target, spec), path in dirs.items():
         problem = store.manifest_problem(path)
         if problem is None:
-            previous = store.Run(path).manifest.get("identity", {})
+            previous = store.Run(path).manifest.identity or {}
         elif store.shard_files(path):
             previous = shards_identity(path, cfg.run_identity(target) | {"output": spec.name})
             print(
@@ -99,10 +99,8 @@ def is_complete(path: Path, rows: list[tuple[int, str]]) -> bool:
     if store.manifest_problem(path) is not None:
         return False
     run = store.Run(path)
-    held = [(e["index"], e["id"]) for e in run.manifest["examples"] + run.manifest["skipped"]]
-    mean = run.manifest.get("mode") == "store_mean"  # one example stands for all the rows
+    held = [(e["index"], e["id"]) for e in run.manifest.examples + run.manifest.skipped]
+    mean = run.manifest.mode == "store_mean"  # one example stands for all the rows
     return (
-        run.manifest.get("n_examples") == len(rows)
-        and (mean or sorted(held) == rows)
-        and run.verify().ok
+        run.manifest.n_examples == len(rows) and (mean or sorted(held) == rows) and run.verify().ok
     )

@@ -60,7 +60,7 @@ def stored_layout(run: store.Run) -> StoredLayout:
     ragged, elem, width = run.stored_rows()
     if not ragged:
         return StoredLayout(False, elem, width, width)
-    tokens = [e.get("tokens", 1) for e in run.manifest["examples"]]
+    tokens = [e.get("tokens", 1) for e in run.manifest.examples]
     return StoredLayout(True, elem, width, max(1, sum(tokens) // len(tokens)) * width)
 
 

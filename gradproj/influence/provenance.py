@@ -28,7 +28,7 @@ def open_run(path: str, role: str) -> store.Run:
     """A complete, non-empty run, or a UserError that names the role and what is wrong."""
     try:
         run = store.Run(path)
-        missing = [key for key in REQUIRED_FIELDS if key not in run.manifest]
+        missing = run.manifest.lacks(REQUIRED_FIELDS)
         if missing:
             raise UserError(f"{path}: manifest.json lacks {', '.join(missing)}; re-extract")
         run.require_complete()
@@ -38,14 +38,14 @@ def open_run(path: str, role: str) -> store.Run:
     return run
 
 
-def scoring_identity(manifest: dict) -> dict:
+def scoring_identity(manifest: store.Manifest) -> dict:
     """What two runs must share for their gradients to be comparable."""
-    projection = manifest.get("projection") or {}
+    projection = manifest.projection or {}
     fields = {
-        "model": manifest.get("model"),
-        "checkpoint": manifest.get("checkpoint"),
-        "target": manifest.get("target"),
-        "hidden_size": manifest.get("hidden_size"),
+        "model": manifest.model,
+        "checkpoint": manifest.checkpoint,
+        "target": manifest.target,
+        "hidden_size": manifest.hidden_size,
         "projection type": projection.get("type", "full"),
         "projection seed": projection.get("seed"),
         "projection dim": projection.get("dim"),
@@ -54,8 +54,8 @@ def scoring_identity(manifest: dict) -> dict:
     }
     if projection.get("type") == "kronecker":  # its factors depend on the gradient's shape
         fields["projection shape"] = projection.get("shape")
-    if manifest.get("target") == "params":  # vectors of different layers are not comparable
-        fields["modules"] = [m["name"] for m in manifest.get("modules") or []]
+    if manifest.target == "params":  # vectors of different layers are not comparable
+        fields["modules"] = [m["name"] for m in manifest.modules]
     return fields
 
 
@@ -74,7 +74,7 @@ def warn_truncation(train: store.Run, test: store.Run) -> None:
     """Runs of different --max_seq_length are comparable, but their examples were cut at
     different lengths (for the embedding target, position-aligned gradients of different
     prefixes): scored, with a warning."""
-    lengths = train.manifest.get("max_seq_length"), test.manifest.get("max_seq_length")
+    lengths = train.manifest.max_seq_length, test.manifest.max_seq_length
     if None not in lengths and lengths[0] != lengths[1]:
         print(
             f"warning: the train run was extracted with max_seq_length {lengths[0]} and the "
@@ -85,11 +85,11 @@ def warn_truncation(train: store.Run, test: store.Run) -> None:
         )
 
 
-def dataset_label(manifest: dict) -> str:
-    name = str(manifest.get("dataset", "dataset")).rstrip("/")
+def dataset_label(manifest: store.Manifest) -> str:
+    name = str(manifest.dataset or "dataset").rstrip("/")
     name = Path(name).stem if Path(name).suffix in (".json", ".jsonl", ".parquet") else name
     label = name.rsplit("/", 1)[-1]
-    split = str(manifest.get("split", "train"))
+    split = str(manifest.split or "train")
     if split != "train":
         label += "_" + re.sub(r"[^\w.-]+", "_", split).strip("_")
     return label
@@ -98,7 +98,7 @@ def dataset_label(manifest: dict) -> str:
 def output_dir(cfg: ScoreConfig, train: store.Run, test: store.Run) -> Path:
     if cfg.output:
         return Path(cfg.output)
-    projection = train.manifest.get("projection")
+    projection = train.manifest.projection
     dim = str(projection["dim"]) if projection else "full"
     if projection and projection["type"] != "rademacher":
         # the original layout names the dim only; other types must not overwrite rademacher's
@@ -124,7 +124,7 @@ def per_test_stats(scores: Scores) -> dict:
 def manifest_summary(run: store.Run) -> dict:
     """The run's description; `examples_sha256` names its examples (dataset rows and ids, kept
     and skipped), so that `gradproj compare` can tell scorings of other examples apart."""
-    described = {key: run.manifest.get(key) for key in MANIFEST_FIELDS}
+    described = {key: getattr(run.manifest, key) for key in MANIFEST_FIELDS}
     return described | {
         "manifest_sha256": fsio.file_sha256(run.path / store.MANIFEST),
         "examples_sha256": store.examples_sha256(run.manifest),

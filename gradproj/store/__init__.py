@@ -7,10 +7,12 @@ shard is self-verifying: a rerun, a job-array task or `--merge` can rebuild the 
 shards alone, and nothing depends on which process wrote what. A process claims a shard (an flock
 in `.locks/`) before computing it, so concurrent processes on one run split the work.
 
-`shards` holds one shard's format, `run` the reader of a run, `merge` the manifest's rebuild
-and `gradproj merge`, `verify` `gradproj verify`; every write goes through `gradproj.fsio`.
+`shards` holds one shard's format, `manifest` the manifest's (`Manifest`), `run` the reader of a
+run, `merge` the manifest's rebuild and `gradproj merge`, `verify` `gradproj verify`; every write
+goes through `gradproj.fsio`.
 """
 
+from gradproj.store.manifest import Manifest
 from gradproj.store.merge import (
     header_from_shards,
     merge_manifest,
@@ -59,6 +61,7 @@ __all__ = [
     "DERIVED_FIELDS",
     "DTYPE_BYTES",
     "MANIFEST",
+    "Manifest",
     "PROCESS_FIELDS",
     "RUN_FORMAT",
     "SHARD_FORMAT",

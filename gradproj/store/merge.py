@@ -6,16 +6,14 @@ merge` (`merge_run`).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from gradproj import fsio
 from gradproj.errors import UserError
+from gradproj.store.manifest import Manifest
 from gradproj.store.run import Run, manifest_problem, shard_files
 from gradproj.store.shards import (
-    DERIVED_FIELDS,
     MANIFEST,
-    RUN_FORMAT,
     ShardRecord,
     read_shard_metadata,
     shard_entry,
@@ -41,7 +39,7 @@ def merge_manifest(
     per_file: int,
     fresh: dict[str, dict],
     check: bool = False,
-) -> dict:
+) -> Manifest:
     """Rebuild manifest.json from the shards present.
 
     `fresh` holds the entries of shards this process just wrote. Other shards are accepted by
@@ -73,28 +71,19 @@ def merge_manifest(
             shards.append(listed.get(name) or shard_entry(run_dir / name, record))
             examples += record.examples
             skipped += record.skipped
-        manifest = {
-            "format": RUN_FORMAT,
-            **header,
-            "n_examples": n_examples,
-            "complete": len(shards) == len(shard_ranges(0, n_examples, per_file)),
-            "shards": shards,
-            "examples": examples,
-            "skipped": skipped,
-        }
-        if refused:
-            manifest["rejected"] = refused
-        fsio.atomic_write_json(path, manifest)
+        complete = len(shards) == len(shard_ranges(0, n_examples, per_file))
+        manifest = Manifest.merged(header, n_examples, complete, shards, examples, skipped, refused)
+        fsio.atomic_write_json(path, manifest.as_dict())
     return manifest
 
 
 def _recorded_entries(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """The listed and the rejected shard entries of a manifest ({} when it cannot be read)."""
     try:
-        manifest = json.loads(path.read_text())
-        listed = {s["file"]: s for s in manifest["shards"]}
-        rejected = {s["file"]: s for s in manifest.get("rejected", []) if s.get("sha256")}
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = Manifest.read(path.parent)
+        listed = {s["file"]: s for s in manifest.shards}
+        rejected = {s["file"]: s for s in manifest.rejected if s.get("sha256")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged, or no object
         return {}, {}
     return listed, rejected
 
@@ -159,8 +148,7 @@ def merge_run(path: str) -> int:
         problem = manifest_problem(run_path)
         if problem is None:
             manifest = Run(run_path).manifest
-            header = {k: v for k, v in manifest.items() if k not in DERIVED_FIELDS}
-            n_examples = manifest["n_examples"]
+            header, n_examples = manifest.header(), manifest.n_examples
         else:
             header, n_examples = header_from_shards(run_path)
             print(f"{run_path} {problem}: rebuilding it from the metadata of its shards")

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from gradproj import fsio
 from gradproj.errors import UserError
+from gradproj.store.manifest import Manifest
 from gradproj.store.shards import (
     MANIFEST,
     Shard,
@@ -26,17 +27,17 @@ from gradproj.store.shards import (
 )
 
 
-def examples_sha256(manifest: dict) -> str:
+def examples_sha256(manifest: Manifest) -> str:
     """The hash of a run's examples: the (dataset row, id) of each, kept or skipped."""
-    held = sorted((e.get("index", -1), e["id"]) for e in manifest["examples"] + manifest["skipped"])
+    held = sorted((e.get("index", -1), e["id"]) for e in manifest.examples + manifest.skipped)
     return hashlib.sha256(json.dumps(held).encode()).hexdigest()
 
 
-def shards_sha256(manifest: dict) -> str:
+def shards_sha256(manifest: Manifest) -> str:
     """The hash of a run's listed shards (file names and checksums): it names the stored
     vectors, and, unlike the manifest's own checksum, a merge that rewrites the manifest keeps
     it."""
-    listed = [(s["file"], s["sha256"]) for s in manifest["shards"]]
+    listed = [(s["file"], s["sha256"]) for s in manifest.shards]
     return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
 
@@ -77,9 +78,11 @@ def manifest_problem(run_dir: Path) -> str | None:
     if not path.is_file():
         return f"has no {MANIFEST}"
     try:
-        json.loads(path.read_text())
+        parsed = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"has a {MANIFEST} that is not valid JSON ({err})"
+    if not isinstance(parsed, dict):  # a `Manifest` is read from an object only
+        return f"has a {MANIFEST} that is not a JSON object"
     return None
 
 
@@ -106,29 +109,29 @@ class Run:
             )
         if problem is not None:
             raise UserError(f"{self.path} {problem}, and no shards; rerun the extraction")
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = Manifest.read(self.path)
 
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.manifest.kind
 
     @property
     def ids(self) -> list[str]:
-        return [e["id"] for e in self.manifest["examples"]]
+        return [e["id"] for e in self.manifest.examples]
 
     @property
     def skipped(self) -> list[dict]:
-        return self.manifest["skipped"]
+        return self.manifest.skipped
 
     def expected_shards(self) -> list[str]:
-        per_file = self.manifest["shard_size"]
-        return [shard_name(s, e) for s, e in shard_ranges(0, self.manifest["n_examples"], per_file)]
+        per_file = self.manifest.shard_size
+        return [shard_name(s, e) for s, e in shard_ranges(0, self.manifest.n_examples, per_file)]
 
     def verify(self) -> VerifyReport:
-        recorded = {s["file"]: s["sha256"] for s in self.manifest["shards"]}
-        recorded |= {s["file"]: s["sha256"] for s in self.manifest.get("rejected", [])}
-        listed = {s["file"] for s in self.manifest["shards"]}
-        identity = self.manifest.get("identity_sha256")
+        recorded = {s["file"]: s["sha256"] for s in self.manifest.shards}
+        recorded |= {s["file"]: s["sha256"] for s in self.manifest.rejected}
+        listed = {s["file"] for s in self.manifest.shards}
+        identity = self.manifest.identity_sha256
         report = VerifyReport()
         for name in self.expected_shards():
             problem = shard_problem(self.path / name, identity, recorded.get(name))
@@ -148,11 +151,51 @@ class Run:
             raise UserError(
                 f"run {self.path} is incomplete: {report.summary()}; {report.advice(self.path)}"
             )
-        if not self.manifest["examples"]:
+        if not self.manifest.examples:
             raise UserError(f"run {self.path} holds no gradients (every example was skipped)")
 
+    def extraction_options(self, purpose: str, advice: str) -> dict:
+        """The options of the run's extraction, as its manifest records them, for `purpose`
+        (which reads the model again with them); shards do not carry them, so a manifest
+        rebuilt from the shards lacks them, and the error says so with `advice`."""
+        options = self.manifest.options
+        if not isinstance(options, dict) or "model" not in options:
+            raise UserError(
+                f"{purpose} reads the model again with the extraction's options, which "
+                f"{self.path / MANIFEST} does not record (rebuilt by gradproj merge from the "
+                f"shards, which do not carry them, or written by an older gradproj); {advice}"
+            )
+        return options
+
+    def dataset_rows(self, dataset: str | None = None, advice: str = "") -> list[dict]:
+        """The rows of `dataset` (default: the run's own) that the run's examples are, in the
+        run's order: each must carry the id the run recorded at its row, else a one-line error
+        ending in `advice` (default: pass the dataset with --dataset). The one join of a run to
+        its rows; its callers (`gradproj query`, `--mapped`, kfac's factor pass) join train runs."""
+        from gradproj import data  # the datasets library: only a caller that reads texts needs it
+
+        dataset = dataset or self.manifest.dataset
+        split = self.manifest.split or "train"
+        rows = data.load_split(dataset, data.split_name(split))  # indices are rows of the split
+        advice = advice or "pass the dataset the run was extracted from with --dataset"
+        found = []
+        for example in self.manifest.examples:
+            i, expected = example["index"], example["id"]
+            if i >= len(rows):
+                there = f"its split {split!r} has {len(rows)} rows"
+            elif (actual := data.example_id(rows[i], i)) != expected:
+                there = f"it has {actual!r} there"
+            else:
+                found.append(rows[i])
+                continue
+            raise UserError(
+                f"{dataset} does not hold the train run's example {expected!r} at row {i} "
+                f"({there}); {advice}"
+            )
+        return found
+
     def iter_shards(self) -> Iterator[Shard]:
-        for entry in self.manifest["shards"]:
+        for entry in self.manifest.shards:
             yield load_shard(self.path / entry["file"])
 
     def load_matrix(self) -> tuple[list[str], torch.Tensor]:
@@ -168,7 +211,7 @@ class Run:
     def stored_rows(self) -> tuple[bool, int, int]:
         """(ragged, bytes per element, row width) of what the run's shards store: ragged
         `values` rows of `hidden`, or one `vectors` row of `k` per example."""
-        with safe_open(str(self.path / self.manifest["shards"][0]["file"]), framework="pt") as f:
+        with safe_open(str(self.path / self.manifest.shards[0]["file"]), framework="pt") as f:
             ragged = "values" in f.keys()  # noqa: SIM118
             rows = f.get_slice("values" if ragged else "vectors")
             return ragged, DTYPE_BYTES[rows.get_dtype()], rows.get_shape()[1]
@@ -176,7 +219,7 @@ class Run:
     def longest_example(self) -> int:
         """The most stored positions of any example of a full run, from its shards' offsets."""
         longest = 0
-        for entry in self.manifest["shards"]:
+        for entry in self.manifest.shards:
             with safe_open(str(self.path / entry["file"]), framework="pt") as f:
                 offsets = f.get_tensor("offsets")
             if len(offsets) > 1:
@@ -190,12 +233,12 @@ class Run:
         if shard.vectors is not None:
             return shard.vectors[j].float()
         rows = shard.rows(j).float()
-        dense = torch.zeros(self.manifest["max_seq_length"], rows.shape[1])
+        dense = torch.zeros(self.manifest.max_seq_length, rows.shape[1])
         dense[: rows.shape[0]] = rows
         return dense.flatten()
 
     def _locate(self, i: int) -> tuple[str, int]:
-        for entry in self.manifest["shards"]:
+        for entry in self.manifest.shards:
             if i < entry["n"]:
                 return entry["file"], i
             i -= entry["n"]
@@ -216,7 +259,7 @@ def iter_shard_chunks(run: Run, max_bytes: int) -> Iterator[Shard]:
     loaded whole; a chunk holds at least one example, however large. Full chunks carry offsets
     that start at 0.
     """
-    for entry in run.manifest["shards"]:
+    for entry in run.manifest.shards:
         with safe_open(str(run.path / entry["file"]), framework="pt") as f:
             meta = fsio.read_metadata(f)
             ids = [e["id"] for e in meta["examples"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradproj.errors import UserError
+from gradproj.store.manifest import Manifest
 from gradproj.store.run import Run, shard_files
 from gradproj.store.shards import MANIFEST, shard_span
 
@@ -48,28 +49,30 @@ def verify_one(path: Path) -> int:
         print(f"{path}: INCOMPLETE: {report.summary()}; {report.advice(path)}")
         return 1
     print(
-        f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest['examples'])} "
-        f"gradient(s), {len(run.manifest['skipped'])} skipped{_coverage(run.manifest)}"
+        f"{path}: complete: {len(report.complete)} shard(s), {len(run.manifest.examples)} "
+        f"gradient(s), {len(run.manifest.skipped)} skipped{_coverage(run.manifest)}"
     )
     return 0
 
 
-def _coverage(manifest: dict) -> str:
+def _coverage(manifest: Manifest) -> str:
     """Which rows of its split a run holds, and how many it never read (`--limit`, a slice);
     the split's size is known when its dataset is a local path from here."""
-    indices = [e["index"] for e in [*manifest["examples"], *manifest["skipped"]]]
+    indices = [e["index"] for e in [*manifest.examples, *manifest.skipped]]
     if not indices:
         return ""
     first, last = min(indices), max(indices)
-    total = _split_rows(manifest.get("dataset"), manifest.get("split"))
-    limit = (manifest.get("options") or {}).get("limit")
+    total = _split_rows(manifest.dataset, manifest.split)
+    limit = (manifest.options or {}).get("limit")
     text = f"; covers examples {first}-{last}" + (f" of {total}" if total else "")
-    text += f" of split {manifest.get('split')!r}" + (f" (--limit {limit})" if limit else "")
+    text += f" of split {manifest.split!r}" + (f" (--limit {limit})" if limit else "")
     unread = total - (last - first + 1) if total else 0
     return text + (f": the other {unread} were never read" if unread > 0 else "")
 
 
 def _split_rows(dataset: str | None, split: str | None) -> int | None:
+    """How many rows the run's split holds, all of them (not a join of the run's examples to
+    its rows: `Run.dataset_rows` is that)."""
     from gradproj import data  # the datasets library: only for a run whose dataset is here
 
     if not dataset or not split or not Path(dataset).exists():
