@@ -171,7 +171,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", metavar="RUN_DIR", help="rebuild a run's manifest.json and exit")
 
 
-def run_extract(args: argparse.Namespace) -> int:
+def extract_command(args: argparse.Namespace) -> int:
     from dotenv import load_dotenv
 
     from gradproj import extract, store
@@ -194,7 +194,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ScoreConfig)
 
 
-def run_score(args: argparse.Namespace) -> int:
+def score_command(args: argparse.Namespace) -> int:
     from gradproj import influence, scoredir
     from gradproj.extract.factors import ensure_kfac_factors
 
@@ -221,7 +221,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, CompareConfig)
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def compare_command(args: argparse.Namespace) -> int:
     from gradproj.analysis import CompareConfig, compare_projections
 
     config = CompareConfig(**vars(args) | {"top_ks": tuple(args.top_ks)})
@@ -238,7 +238,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, QueryConfig)
 
 
-def run_query(args: argparse.Namespace) -> int:
+def query_command(args: argparse.Namespace) -> int:
     from dotenv import load_dotenv
 
     from gradproj import query
@@ -255,7 +255,7 @@ def add_original_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, OriginalJsonConfig)
 
 
-def run_original(args: argparse.Namespace) -> int:
+def original_command(args: argparse.Namespace) -> int:
     from gradproj.analysis.original_json import OriginalJsonConfig, compare_original_json
     from gradproj.analysis.report import markdown_table
 
@@ -273,7 +273,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RetrainConfig)
 
 
-def run_retrain(args: argparse.Namespace) -> int:
+def retrain_command(args: argparse.Namespace) -> int:
     from dotenv import load_dotenv
 
     from gradproj.retrain import RetrainConfig, retrain
@@ -287,13 +287,13 @@ def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a folder above runs")
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace) -> int:
     from gradproj import store
 
     return store.verify_run(args.run_dir)
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def merge_command(args: argparse.Namespace) -> int:
     from gradproj import store
 
     return store.merge_run(args.run_dir)
@@ -305,7 +305,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PlanConfig)
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def plan_command(args: argparse.Namespace) -> int:
     from gradproj.plan import PlanConfig, print_plan
 
     print_plan(PlanConfig(**vars(args)))
@@ -343,34 +343,34 @@ class Command:
 COMMANDS = {
     "extract": Command(
         "extract per-example gradients, full and/or projected", EXTRACT_DOC,
-        add_extract_arguments, run_extract,
+        add_extract_arguments, extract_command,
     ),
     "score": Command(
         "score every train example against every test example", SCORE_DOC,
-        add_score_arguments, run_score,
+        add_score_arguments, score_command,
     ),
     "compare": Command(
         "compare projected scores with the full-gradient ones", COMPARE_DOC,
-        add_compare_arguments, run_compare, extra="analysis",
+        add_compare_arguments, compare_command, extra="analysis",
     ),
     "query": Command(
         "explain new answers: their top train examples, against a train run", QUERY_DOC,
-        add_query_arguments, run_query,
+        add_query_arguments, query_command,
     ),
     "original": Command(
         "the original study's JSON lists: agreement as published and corrected", ORIGINAL_DOC,
-        add_original_arguments, run_original, extra="analysis",
+        add_original_arguments, original_command, extra="analysis",
     ),
     "retrain": Command(
         "fine-tune on random train subsets: the ground truth of influence (LDS)", RETRAIN_DOC,
-        add_retrain_arguments, run_retrain,
+        add_retrain_arguments, retrain_command,
     ),
-    "verify": Command("check a run's shards", VERIFY_DOC, add_run_dir_argument, run_verify),
-    "merge": Command("rebuild a run's manifest", MERGE_DOC, add_run_dir_argument, run_merge),
+    "verify": Command("check a run's shards", VERIFY_DOC, add_run_dir_argument, verify_command),
+    "merge": Command("rebuild a run's manifest", MERGE_DOC, add_run_dir_argument, merge_command),
     "plan": Command(
         "print what a study will cost before running it",
         "Print what a study will cost: tokens, FLOPs, hours, disk and memory (docs/plan.md).",
-        add_plan_arguments, run_plan,
+        add_plan_arguments, plan_command,
     ),
 }  # fmt: skip
 

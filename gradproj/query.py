@@ -311,12 +311,6 @@ def default_precondition(train: store.Run) -> str:
     return "gram"
 
 
-def scoring_label(cfg: QueryConfig, train: store.Run) -> str:
-    """What the scores are, as the analysis labels them (`params kronecker_16x16 · gram`)."""
-    modules = len(train.manifest.modules) or None
-    return scoredir.scoring_label(train.manifest.as_dict(), modules, cfg.precondition, cfg.damping)
-
-
 def printable(text: str) -> str:
     """`text` with every character that is not printable escaped (ESC as `\\x1b`, U+202E as
     `\\u202e`): the table goes to a terminal, which such characters would drive."""
@@ -337,7 +331,10 @@ def run_query(cfg: QueryConfig) -> list[dict]:
         check_explainable(queries)
         scores = influence.compute_scores(score_config(cfg, train, queries), train, queries).scores
         influence.warn_excluded({"train": scores.excluded["train"]})
-    method = {"method": scoring_label(cfg, train), "precondition": cfg.precondition}
+    modules = len(train.manifest.modules) or None
+    # what the scores are, as the analysis labels them (`params kronecker_16x16 · gram`)
+    label = scoredir.scoring_label(train.manifest.as_dict(), modules, cfg.precondition, cfg.damping)
+    method = {"method": label, "precondition": cfg.precondition}
     method["damping"] = cfg.damping if cfg.precondition != "none" else None
     return [method | result for result in explanations(cfg, rows, scores, texts)]
 

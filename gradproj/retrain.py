@@ -297,7 +297,9 @@ def check_prefix_scheme(model, state: torch.Tensor, example: data.Example, full:
         )
 
 
-def check_finite(losses: torch.Tensor, test: list[data.Example], when: str, advice: str) -> None:
+def check_finite_losses(
+    losses: torch.Tensor, test: list[data.Example], when: str, advice: str
+) -> None:
     """Refuse to record a loss that is not finite (a diverged training), naming its example."""
     bad = (~torch.isfinite(losses)).nonzero()[:, 0].tolist()
     if bad:
@@ -496,7 +498,9 @@ def run_subsets(
     with claim(parts, BASE_PART):
         if not (parts / BASE_PART).is_file():
             base = evaluate(model, test_states, test)
-            check_finite(base, test, "before fine-tuning", "the model gives it no finite loss")
+            check_finite_losses(
+                base, test, "before fine-tuning", "the model gives it no finite loss"
+            )
             fsio.write_safetensors(
                 {"losses": base}, parts / BASE_PART, {"format": truth.TRUTH_FORMAT}
             )
@@ -514,8 +518,8 @@ def run_subsets(
                 model.base_model.layers.load_state_dict(initial)
                 train_subset(model, params, train_states, train, order, cfg)
                 losses = evaluate(model, test_states, test)
-                check_finite(losses, test, f"after fine-tuning on subset {s}",
-                             f"the training diverged; lower --lr (now {cfg.lr:g})")  # fmt: skip
+                diverged = f"the training diverged; lower --lr (now {cfg.lr:g})"
+                check_finite_losses(losses, test, f"after fine-tuning on subset {s}", diverged)
                 tensors = {"mask": torch.from_numpy(mask), "losses": losses}
                 fsio.write_safetensors(
                     tensors, parts / part_name(s), {"format": truth.TRUTH_FORMAT}

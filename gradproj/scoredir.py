@@ -97,7 +97,7 @@ def mapped_json(entries: Iterable[tuple[float, str]]) -> str:
     return "[\n" + ",\n".join(objects) + "\n]\n"
 
 
-def write_mapped(
+def write_mapped_file(
     folder: Path, func: str, test_index: int, entries: Iterable[tuple[float, str]], several: bool
 ) -> None:
     """mapped/<test row>.json, or mapped/<func>/<test row>.json when `several` functions."""

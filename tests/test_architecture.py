@@ -1,14 +1,19 @@
-"""docs/architecture.md against the code: the import rule between stages, and every `gradproj.`
-name the page writes exists."""
+"""docs/architecture.md against the code: the import rule between stages, every `gradproj.`
+name the page writes exists, one meaning per public name, and the size of a module."""
 
 import ast
 import importlib
 import re
+from collections import defaultdict
 
 from tests.conftest import REPO
 
 PAGE = (REPO / "docs" / "architecture.md").read_text()
 FRONT_ENDS = {"cli", "extract", "plan", "query", "__main__"}
+MAX_MODULE_LINES = 600  # a module longer than this holds more than one concern: split it
+# Public names that two modules define on purpose, each with its reason; a name defined twice
+# otherwise means either one thing written twice or two things under one name.
+SHARED_NAMES: dict[str, str] = {}
 
 
 def stages() -> list[str]:
@@ -84,3 +89,26 @@ def test_scoring_reads_stored_vectors_only():
         for path in stage_modules(stage):
             wrong = gradproj_imports(path) & {"models", "gradients", "targets"}
             assert not wrong, f"{path.relative_to(REPO)} imports {sorted(wrong)}"
+
+
+def package_modules() -> list:
+    """Every module of gradproj, at any depth."""
+    return sorted((REPO / "gradproj").rglob("*.py"))
+
+
+def test_no_two_modules_define_the_same_public_name():
+    """A public top-level function or class name has one definition in gradproj."""
+    defined = defaultdict(list)
+    for path in package_modules():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                if not node.name.startswith("_"):
+                    defined[node.name].append(str(path.relative_to(REPO)))
+    twice = {name: paths for name, paths in defined.items() if len(paths) > 1}
+    assert twice.keys() == SHARED_NAMES.keys(), twice  # an entry no longer needed goes too
+
+
+def test_every_module_is_at_most_600_lines():
+    for path in package_modules():
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_MODULE_LINES, f"{path.relative_to(REPO)} has {lines} lines"

@@ -24,7 +24,7 @@ from gradproj.analysis.original import (
     with_zero_gradient,
     zero_gradient_position,
 )
-from gradproj.analysis.original_json import agreement, write_original_lists
+from gradproj.analysis.original_json import agreement_per_list, write_original_lists
 from gradproj.errors import UserError
 from tests.conftest import user_error_line
 
@@ -282,7 +282,7 @@ def test_lists_are_written_exactly_as_explain_py_wrote_them(tmp_path):
 
 def test_json_reader_gives_the_notebooks_numbers_and_the_correct_ones(tmp_path):
     samples, full, projected, ref, cand = original_json_dirs(tmp_path)
-    per_test, excluded = agreement(ref[0].parent, [cand[0].parent])
+    per_test, excluded = agreement_per_list(ref[0].parent, [cand[0].parent])
     assert excluded == {str(cand[0].parent): {ZERO_GRADIENT_ID}}
     ids = [s["id"] for s in samples]
     at = ids.index(ZERO_GRADIENT_ID)
@@ -323,4 +323,4 @@ def test_original_json_command_writes_both_ways_and_refuses_a_lone_folder(tmp_pa
 def test_json_reader_refuses_lists_without_ids(tmp_path):
     (tmp_path / "x_test_0.json").write_text(json.dumps([{"score": 0.5}]))
     with pytest.raises(UserError, match="--mapped yes"):
-        agreement(tmp_path, [tmp_path])
+        agreement_per_list(tmp_path, [tmp_path])

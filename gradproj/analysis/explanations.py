@@ -67,7 +67,7 @@ def page_data(
         "function": max(methods[0]["lds"], key=methods[0]["lds"].get, default=None),
         "tests": tests,
         "train": {i: messages(train_rows[i]) for i in sorted(shown)},
-        "agreement": agreement(metrics, test_ids),
+        "agreement": agreement_by_test(metrics, test_ids),
     }
 
 
@@ -127,7 +127,7 @@ def cut(text: str) -> str:
     return text[:MESSAGE_CHARS] + f" [... {len(text) - MESSAGE_CHARS} more characters]"
 
 
-def agreement(metrics: pd.DataFrame | None, test_ids: list[str]) -> dict:
+def agreement_by_test(metrics: pd.DataFrame | None, test_ids: list[str]) -> dict:
     """Per test example: [candidate, function, value per headline metric] rows of metrics.csv."""
     if metrics is None or metrics.empty:
         return {"metrics": [], "rows": {}}

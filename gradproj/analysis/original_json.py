@@ -7,8 +7,8 @@ reverse=True)`, `<dim>` being the vectors' length and `<dataset>` the train data
 with `/` replaced by `_`. Its notebook loads every `*.json` of a folder in sorted name order,
 drops the id `open_orca_t0.1598436` from each list and reads the position as the rank.
 
-`agreement` recomputes a candidate folder's agreement with a reference folder both ways: the
-notebook's and correctly (ranks from the scores, NaN-scored examples excluded by name).
+`agreement_per_list` recomputes a candidate folder's agreement with a reference folder both
+ways: the notebook's and correctly (ranks from the scores, NaN-scored examples excluded by name).
 """
 
 import json
@@ -139,7 +139,7 @@ def correct_agreement(ref: OriginalList, cand: OriginalList) -> tuple[dict[str, 
     return {"kendall_tau": kendall_tau_b(a, b)[0], "spearman_rho": spearman_rho(a, b)[0]}, excluded
 
 
-def agreement(
+def agreement_per_list(
     reference: Path, candidates: list[Path], nan_id: str = ZERO_GRADIENT_ID
 ) -> tuple[pd.DataFrame, dict[str, set[str]]]:
     """Per candidate, test list, way and metric: the value; and per candidate the ids excluded
@@ -169,7 +169,7 @@ def agreement(
     return pd.DataFrame(rows), excluded
 
 
-def summary(per_test: pd.DataFrame) -> pd.DataFrame:
+def median_over_lists(per_test: pd.DataFrame) -> pd.DataFrame:
     """Median over test lists, the two ways side by side."""
     table = per_test.pivot_table(
         index=["candidate", "metric"], columns="way", values="value", aggfunc="median", sort=False
@@ -181,7 +181,7 @@ def compare_original_json(
     reference: Path, candidates: list[Path], output: Path, nan_id: str = ZERO_GRADIENT_ID
 ) -> pd.DataFrame:
     """The `--original_json` command: writes original_json.csv and original_json_summary.csv."""
-    per_test, excluded = agreement(reference, candidates, nan_id)
+    per_test, excluded = agreement_per_list(reference, candidates, nan_id)
     for candidate, ids in excluded.items():
         if ids:
             names = ", ".join(sorted(ids))
@@ -190,7 +190,7 @@ def compare_original_json(
                 f"infinite score: {names}",
                 file=sys.stderr,
             )
-    table = summary(per_test)
+    table = median_over_lists(per_test)
     output.mkdir(parents=True, exist_ok=True)
     per_test.to_csv(output / "original_json.csv", index=False)
     table.to_csv(output / "original_json_summary.csv", index=False)

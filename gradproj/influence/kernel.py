@@ -210,7 +210,7 @@ class Scorer:
             values["cosine"] = cosine(dot, test.norms, train.norms)
         for name, matrix in matrices.items():
             result = values[name].to(matrix.dtype).cpu()
-            check_finite(result, name, test.ids, train.ids)
+            check_finite_scores(result, name, test.ids, train.ids)
             matrix[row : row + len(test), col : col + len(train)] = result
 
     def trim(self, matrices, train_meta, test_meta, train_norms, test_norms, blocks) -> Scores:
@@ -252,7 +252,7 @@ def _kept(values: list, keep: torch.Tensor) -> list:
     return [v for v, k in zip(values, keep.tolist(), strict=True) if k]
 
 
-def check_finite(scores: torch.Tensor, name: str, test_ids: list, train_ids: list) -> None:
+def check_finite_scores(scores: torch.Tensor, name: str, test_ids: list, train_ids: list) -> None:
     # an fp64 sum of scores (each below 2**128) is finite exactly when every score is
     if torch.isfinite(scores.sum(dtype=torch.float64)):
         return

@@ -30,10 +30,10 @@ def mapped_entries(row: torch.Tensor, fragments: list[str]) -> Iterator[tuple[fl
         yield row[i].item(), fragments[i]
 
 
-def write_mapped(out: Path, cfg: ScoreConfig, scores: Scores, train: store.Run) -> None:
+def write_mapped_folder(out: Path, cfg: ScoreConfig, scores: Scores, train: store.Run) -> None:
     fragments = train_fragments(train, cfg.dataset, scores)
     several = len(scores.matrices) > 1
     for name, matrix in scores.matrices.items():
         for j, test_index in enumerate(scores.test_index):
             entries = mapped_entries(matrix[j], fragments)
-            scoredir.write_mapped(out, name, test_index, entries, several)
+            scoredir.write_mapped_file(out, name, test_index, entries, several)

@@ -131,7 +131,7 @@ def manifest_summary(run: store.Run) -> dict:
     }
 
 
-def summary(cfg: ScoreConfig, scoring: Scoring, train: store.Run, test: store.Run) -> dict:
+def scoring_summary(cfg: ScoreConfig, scoring: Scoring, train: store.Run, test: store.Run) -> dict:
     scores, plan, whitening = scoring.scores, scoring.plan, scoring.whitening
     options = asdict(cfg)
     if cfg.precondition == "none":

@@ -9,13 +9,13 @@ from pathlib import Path
 from gradproj import curvature, fsio, scoredir, store
 from gradproj.influence.config import ScoreConfig
 from gradproj.influence.kernel import STORED_ZERO, Scorer, Scoring, topk_positions
-from gradproj.influence.mapped import write_mapped
+from gradproj.influence.mapped import write_mapped_folder
 from gradproj.influence.memory import plan_memory, reserve
 from gradproj.influence.provenance import (
     check_compatible,
     open_run,
     output_dir,
-    summary,
+    scoring_summary,
     up_to_date,
     warn_truncation,
 )
@@ -87,9 +87,9 @@ def score_influence(cfg: ScoreConfig) -> tuple[Path, bool]:
             positions = topk_positions(scores, cfg.top_k)
             lines = scoredir.topk_lines(scores.matrices, *ids, scores.test_index, positions)
             scoredir.write_topk(folder, lines)
-            scoredir.write_summary(folder, summary(cfg, scoring, train, test))
+            scoredir.write_summary(folder, scoring_summary(cfg, scoring, train, test))
             if cfg.mapped:
-                write_mapped(folder, cfg, scores, train)
+                write_mapped_folder(folder, cfg, scores, train)
 
         fsio.replace_dir(out, build)
     return out, True
