@@ -211,6 +211,26 @@ def file_lock(path: Path, shared: bool = False, wait: bool = True) -> Iterator[b
         yield True
 
 
+# --- Making a directory whole ---
+
+
+def create_dir(out: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(new)` in a new directory beside `out`, then rename it to `out`: whoever finds
+    `out` finds it whole. When another process made `out` first, theirs is kept and ours is
+    dropped (both built the same thing). An interrupted build leaves `.<name>.new-*`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        honour_umask(new, directory=True)  # mkdtemp makes 0700: others could not read
+        build(new)
+        os.rename(new, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
 # --- Replacing a directory whole ---
 
 

@@ -6,16 +6,14 @@ import importlib
 import importlib.util
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from gradproj import __version__
+from gradproj import __version__, fsio
 from gradproj.data import ensure_chat_template, hub_advice, looks_like_path
 from gradproj.errors import UserError
 
@@ -80,14 +78,12 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same conversion first
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    fsio.create_dir(target, save)  # another process may finish the same conversion first
 
 
 def local_checkpoints(path: Path) -> list[Path]:

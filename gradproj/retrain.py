@@ -29,10 +29,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,16 +373,7 @@ def join_parts(parts: Path, settings: dict, record: dict) -> None:
 
 def make_parts(parts: Path, settings: dict) -> None:
     """A new parts directory, made whole by one rename: whoever finds it finds its settings."""
-    new = Path(tempfile.mkdtemp(dir=parts.parent, prefix=f".{parts.name}.new-"))
-    try:
-        fsio.honour_umask(new, directory=True)  # mkdtemp makes 0700
-        fsio.atomic_write_json(new / SETTINGS_FILE, settings)
-        os.rename(new, parts)
-    except OSError:
-        if not parts.is_dir():  # else another process made it first: it is joined
-            raise
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
+    fsio.create_dir(parts, lambda new: fsio.atomic_write_json(new / SETTINGS_FILE, settings))
 
 
 def finished(cfg: RetrainConfig, record: dict) -> bool:

@@ -84,6 +84,28 @@ def test_every_file_and_directory_honours_the_umask(
         assert mode == (dir_mode if path.is_dir() else file_mode), (path, oct(mode))
 
 
+def test_a_directory_made_whole_honours_the_umask(tmp_path):
+    """fsio.create_dir (retrain's parts, the converted bundled model): tempfile makes 0700."""
+    old = os.umask(0o027)
+    try:
+        fsio.create_dir(tmp_path / "out", lambda new: (new / "file").write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert (tmp_path / "out" / "file").read_text() == "x"
+
+
+def test_a_directory_made_first_by_another_process_is_kept(tmp_path):
+    def build(new):
+        (new / "file").write_text("ours")
+        (tmp_path / "out").mkdir()  # another process renames its directory in meanwhile
+        (tmp_path / "out" / "file").write_text("theirs")
+
+    fsio.create_dir(tmp_path / "out", build)
+    assert (tmp_path / "out" / "file").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # ours removed
+
+
 # --- read-only and full disks ---
 
 
