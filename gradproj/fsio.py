@@ -217,7 +217,8 @@ def file_lock(path: Path, shared: bool = False, wait: bool = True) -> Iterator[b
 def create_dir(out: Path, build: Callable[[Path], None]) -> None:
     """Run `build(new)` in a new directory beside `out`, then rename it to `out`: whoever finds
     `out` finds it whole. When another process made `out` first, theirs is kept and ours is
-    dropped (both built the same thing). An interrupted build leaves `.<name>.new-*`."""
+    dropped (both built the same thing). An error or Ctrl-C removes ours; a process killed
+    (SIGKILL) leaves `.<name>.new-*`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     try:
